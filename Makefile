@@ -1,0 +1,45 @@
+# Everything runs from the project's own virtualenv; `make install` creates it.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+
+.PHONY: install lock migrate run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Re-pins every dependency to the newest release the ranges in pyproject.toml allow.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	.lock-venv/bin/pip freeze --exclude payments-platform | sort > constraints.txt
+	rm -rf .lock-venv
+
+migrate: install
+	$(BIN)/alembic upgrade head
+
+run: install
+	@echo "make run starts the whole stack as local processes; it arrives with the services (issue 6)." >&2
+	@exit 2
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy libs services
+
+bench: install
+	@echo "make bench arrives with the benchmarks (issue 8)." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

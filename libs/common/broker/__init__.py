@@ -1,0 +1,1 @@
+"""RabbitMQ: topology, a confirming publisher and a consumer runner with ack discipline."""

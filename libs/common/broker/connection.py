@@ -1,0 +1,76 @@
+"""One robust RabbitMQ connection per process, with the topology declared and a publisher.
+
+aio-pika's robust connection reconnects by itself and restores channels, queues and
+consumers, so a broker restart heals without a service restart. While it is away,
+publishes fail fast (within the publish timeout) and /ready says not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from libs.common.broker.publisher import Publisher
+from libs.common.broker.topology import Topology, declare
+from libs.common.messages import Envelope
+from libs.common.settings import BrokerSettings
+
+
+class Broker:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publish_channel: AbstractRobustChannel,
+        topology: Topology,
+        publisher: Publisher,
+        prefetch: int,
+    ) -> None:
+        self.connection = connection
+        self.topology = topology
+        self.publisher = publisher
+        self.prefetch = prefetch
+        self._publish_channel = publish_channel
+
+    @classmethod
+    async def connect(
+        cls, settings: BrokerSettings, *, name: str, topology: Topology | None = None
+    ) -> Broker:
+        topology = topology or Topology()
+        connection = await aio_pika.connect_robust(
+            settings.rabbitmq_url.get_secret_value(),
+            heartbeat=settings.rabbitmq_heartbeat_seconds,
+            timeout=settings.rabbitmq_connect_timeout_seconds,
+            client_properties={"connection_name": name},
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await declare(channel, topology)
+        except BaseException:
+            await connection.close()
+            raise
+        publisher = Publisher(channel, timeout=settings.publish_timeout_seconds)
+        return cls(connection, channel, topology, publisher, settings.consumer_prefetch)
+
+    @property
+    def is_connected(self) -> bool:
+        return not self.connection.is_closed and self.connection.connected.is_set()
+
+    async def ping(self, within_seconds: float = 2.0) -> None:
+        """Raise unless the connection is up (for /ready)."""
+        if not self.is_connected:
+            raise ConnectionError("not connected to RabbitMQ")
+        async with asyncio.timeout(within_seconds):
+            await self._publish_channel.get_underlay_channel()
+
+    async def publish(self, envelope: Envelope[Any]) -> None:
+        """Publish an event to the platform's exchange, routed by its type."""
+        await self.publisher.publish(envelope, exchange=self.topology.exchange)
+
+    async def new_channel(self) -> AbstractRobustChannel:
+        return await self.connection.channel()
+
+    async def close(self) -> None:
+        await self.connection.close()

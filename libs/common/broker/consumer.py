@@ -1,0 +1,186 @@
+"""Runs a handler for each message of one queue, with explicit ack discipline.
+
+For each delivery: decode the envelope, call the handler under the message's correlation
+id, and ack only when the handler returned (it returns after its transaction committed).
+A handler that raises gets the message back (nack with requeue) after a short backoff;
+on the last allowed attempt, or when the message can never succeed (undecodable, or the
+handler raised `PoisonMessage`), the message is parked: republished to the dead-letter
+exchange with the reason in its headers, confirmed, and only then acked. The queue's
+broker-side delivery limit parks messages that kill the process before it can do so.
+
+Redelivery is normal (a crash after commit and before ack redelivers a processed
+message), so handlers must be idempotent; the inbox helper in libs.common.inbox makes
+"record the message id and do the work" one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+
+from libs.common.broker.connection import Broker
+from libs.common.broker.publisher import PublishError
+from libs.common.broker.topology import QueueSpec
+from libs.common.logs import correlation_scope
+from libs.common.messages import Envelope, MessageDecodeError, P, decode
+from libs.common.metrics import MESSAGE_PROCESSING_DURATION, MESSAGES_CONSUMED
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope[P]], Awaitable[None]]
+
+
+class PoisonMessage(Exception):
+    """Raised by a handler when retrying this message can never succeed."""
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times this message was delivered before (quorum queues count for us)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+class Consumer(Generic[P]):
+    def __init__(
+        self,
+        broker: Broker,
+        queue: QueueSpec,
+        payload_type: type[P],
+        handler: Handler[P],
+        *,
+        prefetch: int | None = None,
+        retry_backoff_seconds: float = 0.5,
+        max_retry_backoff_seconds: float = 10.0,
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.payload_type = payload_type
+        self.handler = handler
+        self.prefetch = prefetch or broker.prefetch
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.max_retry_backoff_seconds = max_retry_backoff_seconds
+        # Park on the last attempt the broker would allow, so the reason travels along.
+        self.max_attempts = broker.topology.delivery_limit
+        self._channel: AbstractRobustChannel | None = None
+        self._amqp_queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._channel = await self.broker.new_channel()
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        self._amqp_queue = await self._channel.get_queue(self.queue.name, ensure=True)
+        self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+        log.info("consuming", extra={"queue": self.queue.name, "prefetch": self.prefetch})
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop taking messages, let in-flight ones finish (or be redelivered), close."""
+        if self._amqp_queue is not None and self._consumer_tag is not None:
+            try:
+                await asyncio.wait_for(self._amqp_queue.cancel(self._consumer_tag), grace_seconds)
+            except (TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("could not cancel consumer", extra={"error": repr(exc)})
+        if self._in_flight:
+            _, pending = await asyncio.wait(self._in_flight, timeout=grace_seconds)
+            if pending:
+                # Their messages stay unacked and return to the queue when the channel closes.
+                log.warning("in-flight messages left for redelivery", extra={"n": len(pending)})
+                for task in pending:
+                    task.cancel()
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        started = time.perf_counter()
+        try:
+            outcome = await self._process(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+        MESSAGES_CONSUMED.labels(queue=self.queue.name, outcome=outcome).inc()
+        MESSAGE_PROCESSING_DURATION.labels(queue=self.queue.name).observe(
+            time.perf_counter() - started
+        )
+
+    async def _process(self, message: AbstractIncomingMessage) -> str:
+        try:
+            envelope = decode(message.body, self.payload_type)
+        except MessageDecodeError as exc:
+            return await self._park(message, "undecodable", exc)
+
+        with correlation_scope(envelope.correlation_id):
+            attempt = delivery_count(message) + 1
+            try:
+                await self.handler(envelope)
+            except PoisonMessage as exc:
+                return await self._park(message, "poison", exc)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried, then parked
+                if attempt >= self.max_attempts:
+                    return await self._park(message, "retries_exhausted", exc)
+                delay = min(
+                    self.retry_backoff_seconds * 2 ** (attempt - 1), self.max_retry_backoff_seconds
+                )
+                log.warning(
+                    "handler failed, message will be redelivered",
+                    extra={
+                        "queue": self.queue.name,
+                        "message_id": str(envelope.message_id),
+                        "attempt": attempt,
+                        "retry_in_s": delay,
+                        "error": repr(exc),
+                    },
+                )
+                await asyncio.sleep(delay)
+                await message.nack(requeue=True)
+                return "retried"
+            await message.ack()
+            return "processed"
+
+    async def _park(self, message: AbstractIncomingMessage, reason: str, exc: Exception) -> str:
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                "x-parked-reason": reason,
+                "x-parked-error": repr(exc)[:1000],
+                "x-parked-at": dt.datetime.now(dt.UTC).isoformat(),
+                "x-parked-from-queue": self.queue.name,
+                "x-original-routing-key": message.routing_key or "",
+                "x-delivery-attempts": delivery_count(message) + 1,
+            }
+        )
+        parked = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+            timestamp=message.timestamp,
+        )
+        try:
+            await self.broker.publisher.publish_message(
+                parked,
+                exchange=self.broker.topology.dead_letter_exchange,
+                routing_key=self.queue.name,
+            )
+        except PublishError:
+            log.exception("could not park message; it will be redelivered")
+            await message.nack(requeue=True)
+            return "retried"
+        log.error(
+            "message parked",
+            extra={"queue": self.queue.name, "message_id": message.message_id, "reason": reason},
+        )
+        await message.ack()
+        return "parked"

@@ -1,0 +1,123 @@
+"""The PostgreSQL connection pool and the one way to run a transaction.
+
+Every timeout is finite: connecting, acquiring a pooled connection and each command.
+A transaction that fails because the connection went away (PostgreSQL restarted, the
+network dropped, a command timed out while the server was stalled) is run again from
+the start on a fresh connection, a bounded number of times. Callers therefore pass the
+*whole* transaction as a function, and that function must be safe to run twice: when the
+connection dies during COMMIT nobody knows whether it committed, so every write the
+platform makes is idempotent (inbox rows, conditional updates, ON CONFLICT inserts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from libs.common.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What a transaction function receives: in practice a pooled connection.
+Connection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+Pool = asyncpg.Pool[asyncpg.Record]
+
+# Errors after which the same transaction may succeed on another connection or a moment later.
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # includes "connection was closed in the middle of operation"
+    asyncpg.CannotConnectNowError,  # server starting up or shutting down
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    ConnectionError,
+    TimeoutError,  # command or acquire timeout: a stalled server
+    OSError,
+)
+
+
+def is_transient(exc: BaseException, conn: Connection | None = None) -> bool:
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        return True
+    # asyncpg reports use of a connection that died as a plain InterfaceError.
+    return isinstance(exc, asyncpg.InterfaceError) and conn is not None and conn.is_closed()
+
+
+async def _init_connection(conn: Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+class Database:
+    """A pool plus the retry and timeout policy every service uses."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        acquire_timeout: float,
+        attempts: int = 4,
+        backoff_seconds: float = 0.1,
+    ) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+
+    @classmethod
+    async def connect(cls, settings: DatabaseSettings) -> Database:
+        pool = await asyncpg.create_pool(
+            settings.database_dsn(),
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            timeout=settings.db_connect_timeout_seconds,
+            command_timeout=settings.db_command_timeout_seconds,
+            init=_init_connection,
+        )
+        return cls(pool, acquire_timeout=settings.db_acquire_timeout_seconds)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work` inside one transaction; retried whole on connection loss."""
+        for attempt in range(1, self.attempts + 1):
+            conn: Connection | None = None
+            try:
+                async with (
+                    self.pool.acquire(timeout=self.acquire_timeout) as conn,
+                    conn.transaction(),
+                ):
+                    return await work(conn)
+            except Exception as exc:
+                if attempt == self.attempts or not is_transient(exc, conn):
+                    raise
+                delay = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())  # noqa: S311 - jitter, not crypto
+                log.warning(
+                    "database transaction failed, retrying",
+                    extra={"attempt": attempt, "error": repr(exc), "retry_in_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """A read outside any explicit transaction, retried like one."""
+        return await self.transaction(lambda conn: conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self.transaction(lambda conn: conn.fetchrow(query, *args))
+
+    async def ping(self, within_seconds: float = 2.0) -> None:
+        """Raise unless the database answers a trivial query within `timeout` (for /ready)."""
+        async with asyncio.timeout(within_seconds), self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")

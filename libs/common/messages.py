@@ -1,0 +1,125 @@
+"""Messages on the bus: one envelope, typed payloads, JSON on the wire (never pickle).
+
+Every message's `type` is also its routing key. `message_id` is the consumer's dedupe
+key; `correlation_id` carries the originating request's id into every log line the
+message causes. A payload's `VERSION` is bumped on an incompatible change, and consumers
+refuse (park) versions they do not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
+
+from pydantic import AwareDatetime, Base64Bytes, BaseModel, ConfigDict, Field, ValidationError
+
+from libs.common.logs import get_correlation_id, new_correlation_id
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    TYPE: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class Envelope(BaseModel, Generic[P]):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: uuid.UUID
+    type: str
+    version: int
+    occurred_at: AwareDatetime
+    correlation_id: str
+    payload: P
+
+    @property
+    def routing_key(self) -> str:
+        return self.type
+
+
+def envelope_type(payload_type: type[P]) -> type[Envelope[P]]:
+    """`Envelope[payload_type]`, for a payload type known only at run time.
+
+    Pydantic must know the concrete payload type to validate and serialise all its fields."""
+    return cast("type[Envelope[P]]", Envelope.__class_getitem__(payload_type))
+
+
+class MessageDecodeError(ValueError):
+    """The bytes are not a message this consumer understands; retrying cannot help."""
+
+
+def wrap(
+    payload: P, *, message_id: uuid.UUID | None = None, correlation_id: str | None = None
+) -> Envelope[P]:
+    """Put `payload` in an envelope stamped now, under the current correlation id."""
+    return envelope_type(type(payload))(
+        message_id=message_id or uuid.uuid4(),
+        type=payload.TYPE,
+        version=payload.VERSION,
+        occurred_at=dt.datetime.now(dt.UTC),
+        correlation_id=correlation_id or get_correlation_id() or new_correlation_id(),
+        payload=payload,
+    )
+
+
+def encode(envelope: Envelope[Any]) -> bytes:
+    return envelope.model_dump_json().encode()
+
+
+def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
+    try:
+        envelope = envelope_type(payload_type).model_validate_json(body)
+    except ValidationError as exc:
+        raise MessageDecodeError(f"not a valid {payload_type.TYPE} message: {exc}") from exc
+    if envelope.type != payload_type.TYPE:
+        raise MessageDecodeError(f"expected a {payload_type.TYPE} message, got {envelope.type}")
+    if envelope.version != payload_type.VERSION:
+        raise MessageDecodeError(
+            f"{envelope.type} version {envelope.version} is not supported"
+            f" (this consumer reads version {payload_type.VERSION})"
+        )
+    return envelope
+
+
+# --- the platform's messages ------------------------------------------------------------------
+
+
+class PaymentRequested(Payload):
+    """A client asked to pay; the gateway accepted it. Consumed by the payments service."""
+
+    TYPE: ClassVar[str] = "payment.requested"
+
+    payment_id: uuid.UUID
+    reference: str = Field(min_length=1, max_length=64)
+    amount_minor: int = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    customer_id: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    requested_at: AwareDatetime
+
+
+class WebhookReceived(Payload):
+    """A provider callback the gateway verified. Consumed by the webhooks service."""
+
+    TYPE: ClassVar[str] = "webhook.received"
+
+    raw_body: Base64Bytes
+    headers: dict[str, str]
+    signature_scheme: Literal["seed", "standard"]
+    received_at: AwareDatetime
+    verified_at: AwareDatetime
+
+
+class ReconciliationRequested(Payload):
+    """Someone asked for a reconciliation run now. Consumed by the reconciler."""
+
+    TYPE: ClassVar[str] = "reconciliation.requested"
+
+    run_id: uuid.UUID
+    trigger: Literal["cron", "manual"] = "manual"

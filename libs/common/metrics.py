@@ -1,0 +1,53 @@
+"""Prometheus metrics shared by every service, named by Prometheus conventions.
+
+They live in the process-wide default registry: one process is one service, and each
+service's /metrics shows what that process did. Counters only go up, so tests read
+deltas rather than absolute values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# Latency buckets from 1 ms to 10 s: the API answers in milliseconds, timeouts are seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total",
+    "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template and method.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+MESSAGES_PUBLISHED = Counter(
+    "messages_published_total",
+    "Messages the broker confirmed, by routing key.",
+    ["routing_key"],
+)
+PUBLISH_FAILURES = Counter(
+    "message_publish_failures_total",
+    "Publishes that were not confirmed, by routing key and reason.",
+    ["routing_key", "reason"],
+)
+MESSAGES_CONSUMED = Counter(
+    "messages_consumed_total",
+    "Messages taken from a queue, by queue and outcome (processed, retried, parked).",
+    ["queue", "outcome"],
+)
+MESSAGE_PROCESSING_DURATION = Histogram(
+    "message_processing_duration_seconds",
+    "Time from delivery to ack of a message, by queue.",
+    ["queue"],
+    buckets=LATENCY_BUCKETS,
+)
+
+PAYMENT_TRANSITIONS = Counter(
+    "payment_transitions_total",
+    "Payment status changes asked for, by source, target status and outcome (applied, refused).",
+    ["source", "to_status", "outcome"],
+)

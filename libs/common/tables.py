@@ -1,0 +1,257 @@
+"""The database schema, as SQLAlchemy Core metadata: the source of truth for migrations.
+
+One PostgreSQL schema per owning service. Services query with plain SQL through asyncpg
+(see each service's queries module); these definitions are what Alembic migrations are
+written from and checked against (tests/integration/test_migrations.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from libs.common.states import PaymentStatus, TransitionSource
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PAYMENTS_SCHEMA = "payments"
+WEBHOOKS_SCHEMA = "webhooks"
+RECONCILER_SCHEMA = "reconciler"
+GATEWAY_SCHEMA = "gateway"
+SERVICE_SCHEMAS = (PAYMENTS_SCHEMA, WEBHOOKS_SCHEMA, RECONCILER_SCHEMA, GATEWAY_SCHEMA)
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+NOW = text("now()")
+
+
+def _created_at() -> Column[object]:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW)
+
+
+def _one_of(column: str, values: Iterable[str]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+def _inbox(schema: str) -> Table:
+    """Ids of messages a consumer has processed; inserted in the transaction of their effect."""
+    return Table(
+        "inbox",
+        metadata,
+        Column("consumer", Text, nullable=False),
+        Column("message_id", UUID(as_uuid=True), nullable=False),
+        Column("message_type", Text, nullable=False),
+        Column("processed_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+        PrimaryKeyConstraint("consumer", "message_id"),
+        Index(None, "processed_at"),
+        schema=schema,
+    )
+
+
+# --- payments -------------------------------------------------------------------------------
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("reference", Text, nullable=False, unique=True),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("customer_id", Text, nullable=False),
+    Column("description", Text, nullable=True),
+    Column("status", Text, nullable=False, server_default=PaymentStatus.PENDING.value),
+    Column("provider", Text, nullable=True),
+    Column("provider_reference", Text, nullable=True),
+    Column("failure_reason", Text, nullable=True),
+    Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _created_at(),
+    # Kept current by the trigger payments.set_updated_at (see the initial migration).
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint("currency ~ '^[A-Z]{3}$'", name="currency_iso4217"),
+    CheckConstraint("char_length(customer_id) BETWEEN 1 AND 128", name="customer_id_length"),
+    CheckConstraint(_one_of("status", [s.value for s in PaymentStatus]), name="status_known"),
+    CheckConstraint("jsonb_typeof(metadata) = 'object'", name="metadata_object"),
+    # Listing: newest first, keyset pagination on (created_at, id), optionally filtered.
+    Index(None, "created_at", "id"),
+    Index(None, "status", "created_at", "id"),
+    Index(None, "customer_id", "created_at", "id"),
+    # One payment per provider charge.
+    Index(
+        None,
+        "provider",
+        "provider_reference",
+        unique=True,
+        postgresql_where=text("provider_reference IS NOT NULL"),
+    ),
+    schema=PAYMENTS_SCHEMA,
+)
+
+payment_events = Table(
+    "payment_events",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column(
+        "payment_id",
+        UUID(as_uuid=True),
+        ForeignKey(payments.c.id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    # NULL only for the creation event.
+    Column("from_status", Text, nullable=True),
+    Column("to_status", Text, nullable=False),
+    Column("applied", Boolean, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("correlation_id", Text, nullable=True),
+    _created_at(),
+    CheckConstraint(_one_of("source", [s.value for s in TransitionSource]), name="source_known"),
+    Index(None, "payment_id", "id"),
+    schema=PAYMENTS_SCHEMA,
+)
+
+payments_inbox = _inbox(PAYMENTS_SCHEMA)
+
+# --- webhooks -------------------------------------------------------------------------------
+
+WEBHOOK_EVENT_STATUSES = ("received", "applied", "refused", "rejected", "orphaned", "ignored")
+SIGNATURE_SCHEMES = ("seed", "standard")
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("provider", Text, nullable=False),
+    # The provider's event id, or the SHA-256 of the raw body when the payload has none.
+    Column("provider_event_id", Text, nullable=False),
+    Column("event_type", Text, nullable=True),
+    # What the payload claims, kept even when no such payment exists (yet).
+    Column("claimed_payment_id", Text, nullable=True),
+    Column(
+        "payment_id",
+        UUID(as_uuid=True),
+        ForeignKey(payments.c.id, ondelete="SET NULL"),
+        nullable=True,
+    ),
+    Column("raw_body", LargeBinary, nullable=False),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("signature_scheme", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("verified_at", DateTime(timezone=True), nullable=False),
+    Column("status", Text, nullable=False, server_default="received"),
+    Column("error", Text, nullable=True),
+    Column("attempts", SmallInteger, nullable=False, server_default=text("0")),
+    Column("processed_at", DateTime(timezone=True), nullable=True),
+    _created_at(),
+    UniqueConstraint("provider", "provider_event_id"),
+    CheckConstraint(_one_of("status", WEBHOOK_EVENT_STATUSES), name="status_known"),
+    CheckConstraint(_one_of("signature_scheme", SIGNATURE_SCHEMES), name="scheme_known"),
+    Index(None, "payment_id"),
+    Index(None, "status", "created_at"),
+    schema=WEBHOOKS_SCHEMA,
+)
+
+webhooks_inbox = _inbox(WEBHOOKS_SCHEMA)
+
+# --- reconciler -----------------------------------------------------------------------------
+
+RECONCILIATION_TRIGGERS = ("cron", "manual")
+RECONCILIATION_STATUSES = ("running", "completed", "partial", "failed", "skipped")
+
+reconciliation_logs = Table(
+    "reconciliation_logs",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("trigger", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("checked", Integer, nullable=False, server_default=text("0")),
+    Column("updated", Integer, nullable=False, server_default=text("0")),
+    Column("unchanged", Integer, nullable=False, server_default=text("0")),
+    Column("errors", Integer, nullable=False, server_default=text("0")),
+    Column("error_details", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("duration_ms", Integer, nullable=True),
+    Column("correlation_id", Text, nullable=True),
+    CheckConstraint(_one_of("trigger", RECONCILIATION_TRIGGERS), name="trigger_known"),
+    CheckConstraint(_one_of("status", RECONCILIATION_STATUSES), name="status_known"),
+    Index(None, "started_at"),
+    schema=RECONCILER_SCHEMA,
+)
+
+reconciliation_items = Table(
+    "reconciliation_items",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column(
+        "run_id",
+        UUID(as_uuid=True),
+        ForeignKey(reconciliation_logs.c.id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "payment_id",
+        UUID(as_uuid=True),
+        ForeignKey(payments.c.id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("from_status", Text, nullable=False),
+    Column("to_status", Text, nullable=False),
+    Column("reason", Text, nullable=True),
+    _created_at(),
+    Index(None, "run_id"),
+    Index(None, "payment_id"),
+    schema=RECONCILER_SCHEMA,
+)
+
+reconciler_inbox = _inbox(RECONCILER_SCHEMA)
+
+# --- gateway --------------------------------------------------------------------------------
+
+IDEMPOTENCY_STATES = ("in_flight", "completed")
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    # Who the key belongs to (an API key's id, or "anonymous" without API auth).
+    Column("scope", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("request_hash", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="in_flight"),
+    Column("response_status", SmallInteger, nullable=True),
+    Column("response_body", JSONB, nullable=True),
+    _created_at(),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("scope", "key"),
+    CheckConstraint(_one_of("state", IDEMPOTENCY_STATES), name="state_known"),
+    CheckConstraint("char_length(key) BETWEEN 1 AND 255", name="key_length"),
+    Index(None, "expires_at"),
+    schema=GATEWAY_SCHEMA,
+)

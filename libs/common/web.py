@@ -1,0 +1,221 @@
+"""The aiohttp application every service is built on.
+
+`create_service_app` gives each service the same skeleton: `/health` (the process is
+alive), `/ready` (every resource it holds answers), `/metrics`, JSON errors, request
+metrics and a correlation id per request. Resources are attached with one cleanup
+context each (`database_context`, `broker_context`, `consumer_context`); aiohttp tears
+them down in reverse order on SIGTERM, so consumers stop taking messages and finish
+in-flight work before the broker connection and the pool close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from libs.common.broker.connection import Broker
+from libs.common.broker.consumer import Consumer, Handler
+from libs.common.broker.topology import QueueSpec, Topology
+from libs.common.db import Database
+from libs.common.logs import correlation_scope
+from libs.common.messages import P
+from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from libs.common.settings import BaseServiceSettings, BrokerSettings, DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", BaseServiceSettings)
+DATABASE = web.AppKey("database", Database)
+BROKER = web.AppKey("broker", Broker)
+CORRELATION_ID = web.RequestKey("correlation_id", str)
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+READY_TIMEOUT_SECONDS = 2.0
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": code, "message": message}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+def _error_code(exc: web.HTTPException) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", (exc.reason or "error").lower()).strip("_")
+
+
+def _route_label(request: web.Request) -> str:
+    # The route template, never the raw path: unknown paths must not create new series.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    incoming = request.headers.get(CORRELATION_HEADER, "")
+    with correlation_scope(incoming if _CORRELATION_ID_RE.match(incoming) else None) as cid:
+        request[CORRELATION_ID] = cid
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await _answer_in_json(request, handler)
+            status = response.status
+            response.headers[CORRELATION_HEADER] = cid
+            return response
+        finally:
+            route = _route_label(request)
+            HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(route=route, method=request.method).observe(
+                time.perf_counter() - started
+            )
+
+
+async def _answer_in_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return ApiError(
+            exc.status, _error_code(exc), exc.text or exc.reason, headers=dict(exc.headers)
+        ).response()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+        return ApiError(
+            500, "internal_error", "The server failed to handle the request."
+        ).response()
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    checks: dict[str, Callable[[], Awaitable[None]]] = {}
+    if DATABASE in app:
+        checks["database"] = lambda: app[DATABASE].ping(READY_TIMEOUT_SECONDS)
+    if BROKER in app:
+        checks["broker"] = lambda: app[BROKER].ping(READY_TIMEOUT_SECONDS)
+    results = await asyncio.gather(*(check() for check in checks.values()), return_exceptions=True)
+    report = {
+        name: "ok" if result is None else f"unavailable: {result!r}"
+        for name, result in zip(checks, results, strict=True)
+    }
+    if all(result is None for result in results):
+        return web.json_response({"status": "ready", "checks": report})
+    return web.json_response(
+        {"error": "not_ready", "message": "A dependency is unavailable.", "checks": report},
+        status=503,
+    )
+
+
+async def metrics(_: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+def create_service_app(settings: BaseServiceSettings) -> web.Application:
+    app = web.Application(middlewares=[observe_requests], client_max_size=1024**2)
+    app[SETTINGS] = settings
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def database_context(settings: DatabaseSettings) -> CleanupContext:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        database = await Database.connect(settings)
+        app[DATABASE] = database
+        yield
+        await database.close()
+
+    return context
+
+
+def broker_context(
+    settings: BrokerSettings, *, name: str, topology: Topology | None = None
+) -> CleanupContext:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        broker = await Broker.connect(settings, name=name, topology=topology)
+        app[BROKER] = broker
+        yield
+        await broker.close()
+
+    return context
+
+
+def consumer_context(
+    queue: Callable[[Topology], QueueSpec],
+    payload_type: type[P],
+    make_handler: Callable[[web.Application], Handler[P]],
+    *,
+    shutdown_timeout: float,
+) -> CleanupContext:
+    """Consume `queue` with the handler `make_handler` builds from the app's resources."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        broker = app[BROKER]
+        consumer = Consumer(broker, queue(broker.topology), payload_type, make_handler(app))
+        await consumer.start()
+        yield
+        await consumer.stop(grace_seconds=shutdown_timeout)
+
+    return context
+
+
+def run(app: web.Application, settings: BaseServiceSettings) -> None:
+    """Serve `app` until SIGTERM or SIGINT, then shut down cleanly."""
+    log.info(
+        "starting",
+        extra={"host": settings.host, "port": settings.port, "env": settings.app_env.value},
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        access_log=None,
+        print=None,
+    )
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""HTTP edge: payment intake, webhook intake and read APIs; publishes to RabbitMQ."""

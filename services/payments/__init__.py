@@ -1,0 +1,1 @@
+"""Consumes payment.requested: records payments and asks the provider to charge them."""

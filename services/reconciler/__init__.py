@@ -1,0 +1,1 @@
+"""Scheduled and on-demand runs that settle payments webhooks missed."""

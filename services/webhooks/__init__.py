@@ -1,0 +1,1 @@
+"""Consumes webhook.received: records provider events once and applies them to payments."""
