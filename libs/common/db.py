@@ -16,7 +16,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # What a transaction function receives: in practice a pooled connection.
-Connection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
-Pool = asyncpg.Pool[asyncpg.Record]
+# (Strings: asyncpg's classes are generic only in its type stubs.)
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 
 # Errors after which the same transaction may succeed on another connection or a moment later.
 _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -44,11 +45,19 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def is_transient(exc: BaseException, conn: Connection | None = None) -> bool:
-    if isinstance(exc, _TRANSIENT_ERRORS):
+def is_transient(exc: BaseException, connection_closed: bool = False) -> bool:
+    """Whether running the same transaction again, on a fresh connection, may succeed."""
+    # Once the connection is gone, whatever asyncpg raised (InterfaceError, an internal
+    # protocol error) means the same thing: the work did not complete on this connection.
+    return connection_closed or isinstance(exc, _TRANSIENT_ERRORS)
+
+
+def _is_lost(conn: Connection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # asyncpg detaches a pooled connection from its proxy once the connection is lost.
         return True
-    # asyncpg reports use of a connection that died as a plain InterfaceError.
-    return isinstance(exc, asyncpg.InterfaceError) and conn is not None and conn.is_closed()
 
 
 async def _init_connection(conn: Connection) -> None:
@@ -56,6 +65,11 @@ async def _init_connection(conn: Connection) -> None:
         await conn.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
+
+
+class _Retryable(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class Database:
@@ -92,23 +106,39 @@ class Database:
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` inside one transaction; retried whole on connection loss."""
         for attempt in range(1, self.attempts + 1):
-            conn: Connection | None = None
             try:
-                async with (
-                    self.pool.acquire(timeout=self.acquire_timeout) as conn,
-                    conn.transaction(),
-                ):
-                    return await work(conn)
-            except Exception as exc:
-                if attempt == self.attempts or not is_transient(exc, conn):
-                    raise
+                return await self._attempt(work)
+            except _Retryable as retryable:
+                if attempt == self.attempts:
+                    raise retryable.error from None
                 delay = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())  # noqa: S311 - jitter, not crypto
                 log.warning(
                     "database transaction failed, retrying",
-                    extra={"attempt": attempt, "error": repr(exc), "retry_in_s": round(delay, 3)},
+                    extra={
+                        "attempt": attempt,
+                        "error": repr(retryable.error),
+                        "retry_in_s": round(delay, 3),
+                    },
                 )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        try:
+            conn = await self.pool.acquire(timeout=self.acquire_timeout)
+        except Exception as exc:
+            if is_transient(exc):
+                raise _Retryable(exc) from exc
+            raise
+        try:
+            async with conn.transaction():
+                return await work(conn)
+        except Exception as exc:
+            if is_transient(exc, _is_lost(conn)):
+                raise _Retryable(exc) from exc
+            raise
+        finally:
+            await self.pool.release(conn)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """A read outside any explicit transaction, retried like one."""

@@ -37,21 +37,21 @@ WITH current AS (
     SELECT id, status FROM payments.payments WHERE id = $1 FOR UPDATE
 ), moved AS (
     UPDATE payments.payments AS p
-       SET status = $2,
-           provider = COALESCE($3, p.provider),
-           provider_reference = COALESCE($4, p.provider_reference),
-           failure_reason = COALESCE($5, p.failure_reason)
+       SET status = $2::text,
+           provider = COALESCE($3::text, p.provider),
+           provider_reference = COALESCE($4::text, p.provider_reference),
+           failure_reason = COALESCE($5::text, p.failure_reason)
       FROM current
      WHERE p.id = current.id AND current.status = ANY($6::text[])
     RETURNING p.id
 ), audit AS (
     INSERT INTO payments.payment_events
         (payment_id, from_status, to_status, applied, source, reason, correlation_id)
-    SELECT current.id, current.status, $2, EXISTS (SELECT 1 FROM moved), $7,
-           CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $8
-                ELSE concat_ws('; ', 'refused: not allowed from ' || current.status, $8)
+    SELECT current.id, current.status, $2::text, EXISTS (SELECT 1 FROM moved), $7::text,
+           CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $8::text
+                ELSE concat_ws('; ', 'refused: not allowed from ' || current.status, $8::text)
            END,
-           $9
+           $9::text
       FROM current
 )
 SELECT current.status AS from_status, EXISTS (SELECT 1 FROM moved) AS applied FROM current

@@ -39,6 +39,7 @@ CORRELATION_ID = web.RequestKey("correlation_id", str)
 CORRELATION_HEADER = "X-Correlation-ID"
 _CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 READY_TIMEOUT_SECONDS = 2.0
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
@@ -111,9 +112,13 @@ async def _answer_in_json(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return ApiError(
-            exc.status, _error_code(exc), exc.text or exc.reason, headers=dict(exc.headers)
-        ).response()
+        # Keep what the status needs (Allow on 405, Retry-After); the body is ours now.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+        message = {
+            404: f"There is no route {request.method} {request.path}.",
+            405: f"{request.method} is not allowed on {request.path}.",
+        }.get(exc.status, exc.reason)
+        return ApiError(exc.status, _error_code(exc), message, headers=headers).response()
     except asyncio.CancelledError:
         raise
     except Exception:

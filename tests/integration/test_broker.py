@@ -1,0 +1,272 @@
+"""The broker library against the real RabbitMQ: no silent loss, no loops, no double effects."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+
+from libs.common.broker.connection import Broker
+from libs.common.broker.consumer import Consumer, PoisonMessage
+from libs.common.broker.publisher import BrokerUnavailable, MessageUnroutable, to_amqp
+from libs.common.broker.topology import Topology
+from libs.common.db import Connection, Database
+from libs.common.inbox import Inbox
+from libs.common.messages import Envelope, PaymentRequested, wrap
+from tests.support import eventually
+
+
+def payment_requested(**overrides: Any) -> Envelope[PaymentRequested]:
+    payment_id = uuid.uuid4()
+    fields: dict[str, Any] = {
+        "payment_id": payment_id,
+        "reference": f"PAY-{payment_id.hex[:10]}",
+        "amount_minor": 10000,
+        "currency": "USD",
+        "customer_id": "test_customer",
+        "requested_at": dt.datetime.now(dt.UTC),
+        **overrides,
+    }
+    return wrap(PaymentRequested(**fields))
+
+
+async def queue_depth(broker: Broker, name: str) -> int:
+    async with broker.connection.channel() as channel:
+        queue = await channel.declare_queue(name, passive=True)
+        count = queue.declaration_result.message_count
+        return count or 0
+
+
+async def get_one(broker: Broker, name: str) -> aio_pika.abc.AbstractIncomingMessage:
+    async with broker.connection.channel() as channel:
+        queue = await channel.get_queue(name)
+        message = await queue.get(timeout=5, fail=True)
+        assert message is not None
+        await message.ack()
+        return message
+
+
+async def test_published_message_is_routed_and_confirmed(broker: Broker) -> None:
+    envelope = payment_requested()
+    await broker.publish(envelope)
+    message = await get_one(broker, broker.topology.payment_requested.name)
+    assert message.message_id == str(envelope.message_id)
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.correlation_id == envelope.correlation_id
+    assert Envelope[PaymentRequested].model_validate_json(message.body) == envelope
+
+
+async def test_publishing_to_an_unroutable_key_raises(broker: Broker) -> None:
+    envelope = payment_requested()
+    with pytest.raises(MessageUnroutable):
+        await broker.publisher.publish_message(
+            to_amqp(envelope), exchange=broker.topology.exchange, routing_key="nobody.listens"
+        )
+
+
+async def test_publishing_without_a_connection_raises_promptly(broker: Broker) -> None:
+    await broker.connection.close()
+    with pytest.raises(BrokerUnavailable):
+        async with asyncio.timeout(3):
+            await broker.publish(payment_requested())
+
+
+async def test_queues_are_durable_quorum_queues_with_dead_lettering(
+    broker: Broker, topology: Topology
+) -> None:
+    # Declaring with different arguments fails, so a passive match proves the arguments.
+    async with broker.connection.channel() as channel:
+        spec = topology.payment_requested
+        await channel.declare_queue(
+            spec.name, durable=True, arguments=topology.queue_arguments(spec)
+        )
+    async with broker.connection.channel() as channel:
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await channel.declare_queue(spec.name, durable=True)
+
+
+class Recorder:
+    """A handler that records the messages it saw and fails as told."""
+
+    def __init__(self, failures: int = 0, exc: type[Exception] = RuntimeError) -> None:
+        self.failures = failures
+        self.exc = exc
+        self.calls: list[uuid.UUID] = []
+
+    async def __call__(self, envelope: Envelope[PaymentRequested]) -> None:
+        self.calls.append(envelope.message_id)
+        if len(self.calls) <= self.failures:
+            raise self.exc("handler failed on purpose")
+
+
+async def consume(broker: Broker, handler: Any) -> Consumer[PaymentRequested]:
+    consumer = Consumer(
+        broker,
+        broker.topology.payment_requested,
+        PaymentRequested,
+        handler,
+        retry_backoff_seconds=0.01,
+    )
+    await consumer.start()
+    return consumer
+
+
+async def test_transient_failure_is_retried_then_acked(broker: Broker) -> None:
+    handler = Recorder(failures=1)
+    consumer = await consume(broker, handler)
+    try:
+        await broker.publish(payment_requested())
+        await eventually(lambda: len(handler.calls) == 2)
+    finally:
+        await consumer.stop(grace_seconds=5)
+    assert await queue_depth(broker, broker.topology.payment_requested.name) == 0
+    assert await queue_depth(broker, broker.topology.payment_requested.parking) == 0
+
+
+async def test_always_failing_handler_parks_the_message_after_the_delivery_limit(
+    broker: Broker, topology: Topology
+) -> None:
+    handler = Recorder(failures=10**6)
+    consumer = await consume(broker, handler)
+    envelope = payment_requested()
+    try:
+        await broker.publish(envelope)
+        parking = topology.payment_requested.parking
+        await eventually(lambda: queue_depth(broker, parking))
+        await asyncio.sleep(0.3)  # give a looping message time to show itself
+    finally:
+        await consumer.stop(grace_seconds=5)
+
+    assert handler.calls == [envelope.message_id] * topology.delivery_limit
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
+    parked = await get_one(broker, topology.payment_requested.parking)
+    assert parked.body == to_amqp(envelope).body
+    assert parked.message_id == str(envelope.message_id)
+    headers = parked.headers
+    assert headers["x-parked-reason"] == "retries_exhausted"
+    assert "handler failed on purpose" in str(headers["x-parked-error"])
+    assert headers["x-delivery-attempts"] == topology.delivery_limit
+    assert headers["x-original-routing-key"] == "payment.requested"
+
+
+async def test_poison_message_is_parked_at_once(broker: Broker, topology: Topology) -> None:
+    handler = Recorder(failures=1, exc=PoisonMessage)
+    consumer = await consume(broker, handler)
+    try:
+        await broker.publish(payment_requested())
+        await eventually(lambda: queue_depth(broker, topology.payment_requested.parking))
+    finally:
+        await consumer.stop(grace_seconds=5)
+    assert len(handler.calls) == 1
+    parked = await get_one(broker, topology.payment_requested.parking)
+    assert parked.headers["x-parked-reason"] == "poison"
+
+
+async def test_undecodable_message_is_parked_without_calling_the_handler(
+    broker: Broker, topology: Topology
+) -> None:
+    handler = Recorder()
+    consumer = await consume(broker, handler)
+    try:
+        await broker.publisher.publish_message(
+            aio_pika.Message(b"{not json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            exchange=topology.exchange,
+            routing_key="payment.requested",
+        )
+        await eventually(lambda: queue_depth(broker, topology.payment_requested.parking))
+    finally:
+        await consumer.stop(grace_seconds=5)
+    assert handler.calls == []
+    parked = await get_one(broker, topology.payment_requested.parking)
+    assert parked.body == b"{not json"
+    assert parked.headers["x-parked-reason"] == "undecodable"
+
+
+async def test_broker_delivery_limit_parks_messages_a_crashing_consumer_never_acks(
+    broker: Broker, topology: Topology
+) -> None:
+    """The safety net: a consumer that dies before it can park still cannot loop forever."""
+    await broker.publish(payment_requested())
+    queue_name = topology.payment_requested.name
+    deliveries = 0
+    for _ in range(topology.delivery_limit + 1):
+        # Each round takes the message and drops the channel without acking, as a crash does.
+        async with broker.connection.channel() as channel:
+            queue = await channel.get_queue(queue_name)
+            message = await queue.get(timeout=5, fail=False)
+            if message is None:
+                break
+            deliveries += 1
+    assert deliveries == topology.delivery_limit + 1
+    await eventually(lambda: queue_depth(broker, topology.payment_requested.parking))
+    assert await queue_depth(broker, queue_name) == 0
+    parked = await get_one(broker, topology.payment_requested.parking)
+    assert parked.headers["x-first-death-reason"] == "delivery_limit"
+
+
+async def test_redelivery_after_commit_changes_nothing(broker: Broker, db: Database) -> None:
+    """The handler commits, then the ack is lost (here: it raises after commit)."""
+    inbox = Inbox("payments", "test-consumer")
+    effects: list[uuid.UUID] = []
+    commits = 0
+
+    async def handler(envelope: Envelope[PaymentRequested]) -> None:
+        nonlocal commits
+
+        async def work(conn: Connection) -> None:
+            if not await inbox.claim(conn, envelope):
+                return
+            await conn.execute(
+                "INSERT INTO payments.payments (id, reference, amount_minor, currency,"
+                " customer_id) VALUES ($1, $2, $3, $4, $5)",
+                envelope.payload.payment_id,
+                envelope.payload.reference,
+                envelope.payload.amount_minor,
+                envelope.payload.currency,
+                envelope.payload.customer_id,
+            )
+            effects.append(envelope.payload.payment_id)
+
+        await db.transaction(work)
+        commits += 1
+        if commits == 1:
+            raise ConnectionResetError("connection lost before the ack")
+
+    consumer = await consume(broker, handler)
+    envelope = payment_requested()
+    try:
+        await broker.publish(envelope)
+        await eventually(lambda: commits >= 2)
+    finally:
+        await consumer.stop(grace_seconds=5)
+
+    assert effects == [envelope.payload.payment_id]
+    count = await db.fetchrow(
+        "SELECT count(*) AS n FROM payments.payments WHERE id = $1", envelope.payload.payment_id
+    )
+    assert count is not None
+    assert count["n"] == 1
+    assert await queue_depth(broker, broker.topology.payment_requested.name) == 0
+
+
+async def test_stop_lets_in_flight_work_finish_and_ack(broker: Broker, topology: Topology) -> None:
+    started = asyncio.Event()
+    finished: list[uuid.UUID] = []
+
+    async def slow(envelope: Envelope[PaymentRequested]) -> None:
+        started.set()
+        await asyncio.sleep(0.5)
+        finished.append(envelope.message_id)
+
+    consumer = await consume(broker, slow)
+    envelope = payment_requested()
+    await broker.publish(envelope)
+    await asyncio.wait_for(started.wait(), 5)
+    await consumer.stop(grace_seconds=5)
+
+    assert finished == [envelope.message_id]
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
