@@ -44,7 +44,17 @@ PAYMENTS_SCHEMA = "payments"
 WEBHOOKS_SCHEMA = "webhooks"
 RECONCILER_SCHEMA = "reconciler"
 GATEWAY_SCHEMA = "gateway"
-SERVICE_SCHEMAS = (PAYMENTS_SCHEMA, WEBHOOKS_SCHEMA, RECONCILER_SCHEMA, GATEWAY_SCHEMA)
+PROVIDER_SCHEMA = "provider"
+SERVICE_SCHEMAS = (
+    PAYMENTS_SCHEMA,
+    WEBHOOKS_SCHEMA,
+    RECONCILER_SCHEMA,
+    GATEWAY_SCHEMA,
+    PROVIDER_SCHEMA,
+)
+# Counter tables spread each total over this many rows, so concurrent writers rarely
+# wait on one another; readers add the slots up.
+COUNTER_SLOTS = 16
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -139,6 +149,19 @@ payment_events = Table(
 
 payments_inbox = _inbox(PAYMENTS_SCHEMA)
 
+# Kept by the trigger payments.count_payment, so /api/payments/stats never scans payments.
+payment_stats = Table(
+    "payment_stats",
+    metadata,
+    Column("status", Text, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("slot", SmallInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    PrimaryKeyConstraint("status", "currency", "slot"),
+    schema=PAYMENTS_SCHEMA,
+)
+
 # --- webhooks -------------------------------------------------------------------------------
 
 WEBHOOK_EVENT_STATUSES = ("received", "applied", "refused", "rejected", "orphaned", "ignored")
@@ -179,6 +202,17 @@ webhook_events = Table(
 )
 
 webhooks_inbox = _inbox(WEBHOOKS_SCHEMA)
+
+# Kept by the trigger webhooks.count_webhook_event.
+webhook_stats = Table(
+    "webhook_stats",
+    metadata,
+    Column("status", Text, nullable=False),
+    Column("slot", SmallInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    PrimaryKeyConstraint("status", "slot"),
+    schema=WEBHOOKS_SCHEMA,
+)
 
 # --- reconciler -----------------------------------------------------------------------------
 
@@ -246,12 +280,67 @@ idempotency_keys = Table(
     Column("request_hash", Text, nullable=False),
     Column("state", Text, nullable=False, server_default="in_flight"),
     Column("response_status", SmallInteger, nullable=True),
+    # The answer for this key, prepared before publishing (the payment id is fixed then,
+    # so a retry after a crash publishes the same payment again, never a second one).
     Column("response_body", JSONB, nullable=True),
     _created_at(),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # While in flight: past this moment the holder is presumed dead and a retry takes over.
+    Column("locked_until", DateTime(timezone=True), nullable=True),
     PrimaryKeyConstraint("scope", "key"),
     CheckConstraint(_one_of("state", IDEMPOTENCY_STATES), name="state_known"),
     CheckConstraint("char_length(key) BETWEEN 1 AND 255", name="key_length"),
     Index(None, "expires_at"),
     schema=GATEWAY_SCHEMA,
+)
+
+# --- provider (the simulated PSP's own state) -------------------------------------------------
+
+CHARGE_STATUSES = ("processing", "succeeded", "declined")
+DELIVERY_STATES = ("pending", "delivered", "dropped", "failed")
+
+charges = Table(
+    "charges",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("request_hash", Text, nullable=False),
+    # The merchant's payment id; not a foreign key: the provider is another company.
+    Column("payment_id", UUID(as_uuid=True), nullable=False),
+    Column("reference", Text, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("customer_id", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("decline_reason", Text, nullable=True),
+    Column("settle_at", DateTime(timezone=True), nullable=False),
+    Column("settled_at", DateTime(timezone=True), nullable=True),
+    _created_at(),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint(_one_of("status", CHARGE_STATUSES), name="status_known"),
+    Index(None, "payment_id"),
+    Index(None, "settle_at", postgresql_where=text("status = 'processing'")),
+    schema=PROVIDER_SCHEMA,
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # The event id the merchant deduplicates on.
+    Column("id", Text, primary_key=True),
+    Column("charge_id", Text, ForeignKey(charges.c.id, ondelete="CASCADE"), nullable=False),
+    Column("event_type", Text, nullable=False),
+    # Exactly the bytes sent (and signed) on every attempt.
+    Column("body", LargeBinary, nullable=False),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_status", SmallInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    _created_at(),
+    CheckConstraint(_one_of("state", DELIVERY_STATES), name="state_known"),
+    Index(None, "charge_id"),
+    Index(None, "next_attempt_at", postgresql_where=text("state = 'pending'")),
+    schema=PROVIDER_SCHEMA,
 )

@@ -15,7 +15,7 @@ import pytest
 from tests.support import admin_execute, database_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
-PLATFORM_SCHEMAS = {"payments", "webhooks", "reconciler", "gateway"}
+PLATFORM_SCHEMAS = {"payments", "webhooks", "reconciler", "gateway", "provider"}
 
 
 @pytest.fixture
@@ -67,6 +67,10 @@ async def platform_schemas(dsn: str) -> set[str]:
 
 
 EXPECTED_TABLES = {
+    "payments.payment_stats",
+    "webhooks.webhook_stats",
+    "provider.charges",
+    "provider.webhook_deliveries",
     "payments.payments",
     "payments.payment_events",
     "payments.inbox",
