@@ -15,25 +15,34 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.common.broker.connection import Broker
 from libs.common.broker.consumer import Consumer, Handler
 from libs.common.broker.topology import QueueSpec, Topology
-from libs.common.db import Database
+from libs.common.db import Database, is_transient
+from libs.common.errors import ApiError as ApiError  # re-exported for route modules
+from libs.common.errors import service_unavailable
 from libs.common.logs import correlation_scope
 from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
-from libs.common.settings import BaseServiceSettings, BrokerSettings, DatabaseSettings
+from libs.common.provider_client import ProviderClient
+from libs.common.settings import (
+    BaseServiceSettings,
+    BrokerSettings,
+    DatabaseSettings,
+    ProviderClientSettings,
+)
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", BaseServiceSettings)
 DATABASE = web.AppKey("database", Database)
 BROKER = web.AppKey("broker", Broker)
+PROVIDER = web.AppKey("provider", ProviderClient)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 
 CORRELATION_HEADER = "X-Correlation-ID"
@@ -42,32 +51,6 @@ READY_TIMEOUT_SECONDS = 2.0
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": code, "message": message}` with `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        self.details = details
-
-    def response(self) -> web.Response:
-        body: dict[str, Any] = {"error": self.code, "message": self.message}
-        if self.details:
-            body["details"] = self.details
-        return web.json_response(body, status=self.status, headers=self.headers)
 
 
 def _error_code(exc: web.HTTPException) -> str:
@@ -108,7 +91,7 @@ async def _answer_in_json(
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return _render(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -118,14 +101,44 @@ async def _answer_in_json(
             404: f"There is no route {request.method} {request.path}.",
             405: f"{request.method} is not allowed on {request.path}.",
         }.get(exc.status, exc.reason)
-        return ApiError(exc.status, _error_code(exc), message, headers=headers).response()
+        return _render(ApiError(exc.status, _error_code(exc), message, headers=headers))
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):
+            # The database or the network is away: the client may retry, it is not a bug.
+            log.warning("dependency unavailable", extra={"path": request.path, "error": repr(exc)})
+            return _render(
+                service_unavailable("service_unavailable", "A dependency is unavailable; retry.")
+            )
         log.exception("unhandled error", extra={"path": request.path, "method": request.method})
-        return ApiError(
-            500, "internal_error", "The server failed to handle the request."
-        ).response()
+        return _render(ApiError(500, "internal_error", "The server failed to handle the request."))
+
+
+def _render(error: ApiError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def require_json(request: web.Request) -> None:
+    if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
+        raise ApiError(
+            415, "unsupported_media_type", "Send the body as Content-Type: application/json."
+        )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes without reading them all."""
+    too_large = ApiError(413, "payload_too_large", f"The body must be at most {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def health(_: web.Request) -> web.Response:
@@ -186,6 +199,17 @@ def broker_context(
         app[BROKER] = broker
         yield
         await broker.close()
+
+    return context
+
+
+def provider_client_context(settings: ProviderClientSettings) -> CleanupContext:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            app[PROVIDER] = ProviderClient(
+                session, settings.provider_url, timeout_seconds=settings.provider_timeout_seconds
+            )
+            yield
 
     return context
 

@@ -2,12 +2,14 @@
 
 from aiohttp import web
 
+from libs.common.broker.topology import Topology
 from libs.common.settings import WebhooksSettings
 from libs.common.web import broker_context, create_service_app, database_context
 
 
-def create_app(settings: WebhooksSettings) -> web.Application:
+def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) -> web.Application:
+    """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app(settings)
     app.cleanup_ctx.append(database_context(settings))
-    app.cleanup_ctx.append(broker_context(settings, name="webhooks"))
+    app.cleanup_ctx.append(broker_context(settings, name="webhooks", topology=topology))
     return app

@@ -13,9 +13,10 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from libs.common.broker.publisher import Publisher
+from libs.common.broker.publisher import BrokerUnavailable, Publisher
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import Envelope
+from libs.common.metrics import PUBLISH_FAILURES
 from libs.common.settings import BrokerSettings
 
 
@@ -67,6 +68,10 @@ class Broker:
 
     async def publish(self, envelope: Envelope[Any]) -> None:
         """Publish an event to the platform's exchange, routed by its type."""
+        if not self.is_connected:
+            # Fail at once while reconnecting, rather than wait out the publish timeout.
+            PUBLISH_FAILURES.labels(routing_key=envelope.type, reason="unavailable").inc()
+            raise BrokerUnavailable(f"message to {envelope.type!r} not sent: broker disconnected")
         await self.publisher.publish(envelope, exchange=self.topology.exchange)
 
     async def new_channel(self) -> AbstractRobustChannel:

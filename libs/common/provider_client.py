@@ -1,0 +1,164 @@
+"""HTTP client for the payment provider's API (the simulated PSP here, a real one later).
+
+Every call has a timeout. Calls that may not have reached the provider (network errors,
+timeouts, 5xx) are retried a bounded number of times with backoff; that is safe because
+charges are created under an idempotency key (the payment id), so the provider never
+charges one payment twice however often we ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar, overload
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+PROVIDER_NAME = "simulated"
+
+
+class Charge(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    payment_id: uuid.UUID
+    reference: str
+    amount_minor: int
+    currency: str
+    customer_id: str
+    status: Literal["processing", "succeeded", "declined"]
+    decline_reason: str | None = None
+    created_at: dt.datetime
+    settled_at: dt.datetime | None = None
+
+
+class ChargeList(BaseModel):
+    data: list[Charge]
+
+
+class ProviderUnavailable(Exception):
+    """The provider could not be reached or kept failing; the outcome is unknown."""
+
+
+class ProviderRejected(Exception):
+    """The provider answered that the request itself is wrong; asking again cannot help."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"provider refused the request ({status}): {body[:500]}")
+        self.status = status
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        timeout_seconds: float,
+        attempts: int = 3,
+        backoff_seconds: float = 0.2,
+    ) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._attempts = attempts
+        self._backoff_seconds = backoff_seconds
+
+    async def create_charge(
+        self,
+        *,
+        payment_id: uuid.UUID,
+        reference: str,
+        amount_minor: int,
+        currency: str,
+        customer_id: str,
+    ) -> Charge:
+        body = {
+            "payment_id": str(payment_id),
+            "reference": reference,
+            "amount_minor": amount_minor,
+            "currency": currency,
+            "customer_id": customer_id,
+        }
+        headers = {"Idempotency-Key": str(payment_id)}
+
+        async def attempt() -> Charge:
+            return _parse(Charge, await self._send("POST", "/charges", json=body, headers=headers))
+
+        return await self._retrying(attempt)
+
+    async def get_charge(self, charge_id: str) -> Charge | None:
+        async def attempt() -> Charge | None:
+            text = await self._send("GET", f"/charges/{charge_id}", missing_ok=True)
+            return None if text is None else _parse(Charge, text)
+
+        return await self._retrying(attempt)
+
+    async def find_charges(self, payment_id: uuid.UUID) -> list[Charge]:
+        async def attempt() -> list[Charge]:
+            params = {"payment_id": str(payment_id)}
+            return _parse(ChargeList, await self._send("GET", "/charges", params=params)).data
+
+        return await self._retrying(attempt)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        for number in range(1, self._attempts + 1):
+            try:
+                return await attempt()
+            except ProviderUnavailable as exc:
+                if number == self._attempts:
+                    raise
+                delay = self._backoff_seconds * 2 ** (number - 1)
+                log.warning(
+                    "provider call failed, retrying",
+                    extra={"attempt": number, "error": str(exc), "retry_in_s": delay},
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @overload
+    async def _send(
+        self, method: str, path: str, *, missing_ok: Literal[False] = False, **kwargs: Any
+    ) -> str: ...
+
+    @overload
+    async def _send(
+        self, method: str, path: str, *, missing_ok: Literal[True], **kwargs: Any
+    ) -> str | None: ...
+
+    async def _send(
+        self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any
+    ) -> str | None:
+        """The body of a successful answer; None for a 404 when `missing_ok`."""
+        try:
+            async with self._session.request(
+                method, self._base_url + path, timeout=self._timeout, **kwargs
+            ) as response:
+                text = await response.text()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(f"{method} {path}: {exc!r}") from exc
+        if status == 404 and missing_ok:
+            return None
+        if status >= 500 or status == 429:
+            raise ProviderUnavailable(f"{method} {path}: HTTP {status}")
+        if status >= 400:
+            raise ProviderRejected(status, text)
+        return text
+
+
+def _parse(model: type[M], text: str) -> M:
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        # A garbled 2xx leaves the outcome unknown, like a timeout: ask again.
+        raise ProviderUnavailable(f"unexpected answer from the provider: {exc}") from exc

@@ -1,0 +1,252 @@
+"""Read side of the API: one payment, a filtered page of payments, and the stats.
+
+Lists page by keyset (created_at, id), newest first, so a page costs the same however
+deep it is, and the cursor stays valid while new payments arrive. Stats add up the
+counter tables the database keeps by trigger, so they cost the same at 1M payments as
+at ten.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from asyncpg import Record
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from libs.common.db import Connection, Database
+from libs.common.errors import ApiError
+from libs.common.money import format_minor_units
+from libs.common.states import PaymentStatus
+
+_PAYMENT_COLUMNS = """
+    id, reference, status, amount_minor, currency, customer_id, description, metadata,
+    provider, provider_reference, failure_reason, created_at, updated_at
+"""
+
+
+def payment_json(row: Record) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "reference": row["reference"],
+        "status": row["status"],
+        "amount": format_minor_units(row["amount_minor"], row["currency"]),
+        "currency": row["currency"],
+        "customer_id": row["customer_id"],
+        "description": row["description"],
+        "metadata": row["metadata"],
+        "provider": row["provider"],
+        "provider_reference": row["provider_reference"],
+        "failure_reason": row["failure_reason"],
+        "created_at": row["created_at"].isoformat(),
+        "updated_at": row["updated_at"].isoformat(),
+    }
+
+
+def parse_payment_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_payment_id", "A payment id is a UUID.") from None
+
+
+async def get_payment(db: Database, payment_id: uuid.UUID) -> dict[str, Any]:
+    async def read(conn: Connection) -> dict[str, Any] | None:
+        row = await conn.fetchrow(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments.payments WHERE id = $1",  # noqa: S608 - constant columns
+            payment_id,
+        )
+        if row is None:
+            return None
+        events = await conn.fetch(
+            "SELECT from_status, to_status, applied, source, reason, created_at"
+            " FROM payments.payment_events WHERE payment_id = $1 ORDER BY id",
+            payment_id,
+        )
+        return {
+            **payment_json(row),
+            "events": [
+                {
+                    "from_status": e["from_status"],
+                    "to_status": e["to_status"],
+                    "applied": e["applied"],
+                    "source": e["source"],
+                    "reason": e["reason"],
+                    "at": e["created_at"].isoformat(),
+                }
+                for e in events
+            ],
+        }
+
+    payment = await db.transaction(read)
+    if payment is None:
+        raise ApiError(
+            404,
+            "payment_not_found",
+            f"No payment {payment_id}. One accepted a moment ago may take a second to appear.",
+        )
+    return payment
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: PaymentStatus | None = None
+    customer_id: str | None = Field(default=None, min_length=1, max_length=128)
+    created_from: AwareDatetime | None = None
+    created_to: AwareDatetime | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = None
+
+
+def parse_list_query(params: Mapping[str, str]) -> ListQuery:
+    try:
+        return ListQuery.model_validate(dict(params))
+    except ValidationError as exc:
+        details = [
+            {
+                "field": ".".join(str(p) for p in e["loc"]),
+                "code": "unknown_parameter" if e["type"] == "extra_forbidden" else "invalid_value",
+                "message": e["msg"],
+            }
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        first = details[0]
+        raise ApiError(
+            400,
+            first["code"] if first["code"] == "unknown_parameter" else "invalid_query",
+            f"{first['field']}: {first['message']}.",
+            details=details,
+        ) from None
+
+
+def encode_cursor(created_at: dt.datetime, payment_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(payment_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, payment_id = json.loads(raw)
+        position = dt.datetime.fromisoformat(created_at), uuid.UUID(payment_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise ApiError(
+            400, "invalid_cursor", "cursor must be a next_cursor from an earlier page."
+        ) from None
+    if position[0].tzinfo is None:
+        raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor from an earlier page.")
+    return position
+
+
+async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
+    conditions: list[str] = []
+    args: list[Any] = []
+
+    def where(condition: str, value: Any) -> None:
+        args.append(value)
+        conditions.append(condition.format(f"${len(args)}"))
+
+    if query.status is not None:
+        where("status = {}", query.status.value)
+    if query.customer_id is not None:
+        where("customer_id = {}", query.customer_id)
+    if query.created_from is not None:
+        where("created_at >= {}", query.created_from)
+    if query.created_to is not None:
+        where("created_at < {}", query.created_to)
+    if query.cursor is not None:
+        created_at, payment_id = decode_cursor(query.cursor)
+        args.extend([created_at, payment_id])
+        conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+    args.append(query.limit + 1)
+    sql = (
+        f"SELECT {_PAYMENT_COLUMNS} FROM payments.payments"  # noqa: S608 - built from fixed fragments; values are bound
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+    )
+    rows = await db.fetch(sql, *args)
+    page = rows[: query.limit]
+    more = len(rows) > query.limit
+    return {
+        "data": [payment_json(row) for row in page],
+        "next_cursor": encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
+    }
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+
+async def payment_stats(db: Database) -> dict[str, Any]:
+    async def read(conn: Connection) -> tuple[list[Record], list[Record], Record | None]:
+        payments = await conn.fetch(
+            "SELECT status, currency, sum(count)::bigint AS count,"
+            " sum(amount_minor)::bigint AS amount_minor"
+            " FROM payments.payment_stats GROUP BY status, currency"
+        )
+        webhooks = await conn.fetch(
+            "SELECT status, sum(count)::bigint AS count FROM webhooks.webhook_stats GROUP BY status"
+        )
+        last_run = await conn.fetchrow(
+            "SELECT id, trigger, status, started_at, finished_at, checked, updated, unchanged,"
+            " errors, duration_ms FROM reconciler.reconciliation_logs"
+            " ORDER BY started_at DESC LIMIT 1"
+        )
+        return payments, webhooks, last_run
+
+    payment_rows, webhook_rows, last_run = await db.transaction(read)
+
+    by_status: dict[str, dict[str, Any]] = {
+        s.value: {"count": 0, "amounts": {}} for s in PaymentStatus
+    }
+    by_currency: dict[str, dict[str, Any]] = {}
+    minor_by_currency: dict[str, int] = {}
+    for row in payment_rows:
+        if row["count"] == 0:
+            continue
+        status, currency = row["status"], row["currency"]
+        by_status[status]["count"] += row["count"]
+        by_status[status]["amounts"][currency] = format_minor_units(row["amount_minor"], currency)
+        entry = by_currency.setdefault(currency, {"count": 0})
+        entry["count"] += row["count"]
+        minor_by_currency[currency] = minor_by_currency.get(currency, 0) + row["amount_minor"]
+    for currency, minor in minor_by_currency.items():
+        by_currency[currency]["amount"] = format_minor_units(minor, currency)
+
+    succeeded = by_status["completed"]["count"] + by_status["refunded"]["count"]
+    settled = succeeded + by_status["failed"]["count"]
+    webhooks = {row["status"]: row["count"] for row in webhook_rows if row["count"]}
+    return {
+        "payments": {
+            "total": sum(s["count"] for s in by_status.values()),
+            "by_status": by_status,
+            "by_currency": by_currency,
+            # Of the payments that reached an outcome, the share that were paid.
+            "success_rate": round(succeeded / settled, 4) if settled else None,
+        },
+        "webhooks": {"total": sum(webhooks.values()), "by_status": webhooks},
+        "last_reconciliation": _run_json(last_run) if last_run else None,
+    }
+
+
+def _run_json(row: Record) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "trigger": row["trigger"],
+        "status": row["status"],
+        "started_at": row["started_at"].isoformat(),
+        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+        "checked": row["checked"],
+        "updated": row["updated"],
+        "unchanged": row["unchanged"],
+        "errors": row["errors"],
+        "duration_ms": row["duration_ms"],
+    }
