@@ -1,0 +1,12 @@
+"""The provider's typed application keys: filled by app.py, read by routes.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from services.provider.simulation import Simulation
+
+SIMULATION = web.AppKey("simulation", Simulation)
+SETTLEMENT_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("settlement_task")

@@ -1,0 +1,23 @@
+"""The simulated provider's own Prometheus metrics (HTTP metrics come from libs.common)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+CHARGES_CREATED = Counter(
+    "provider_charges_total",
+    # Not "charges_created_total": the client library would add a "..._created_created" series.
+    "Charges created, by outcome (accepted: processing; declined: refused at once).",
+    ["outcome"],
+)
+CHARGES_SETTLED = Counter(
+    "provider_charges_settled_total",
+    "Charges that reached a final status, by status (succeeded, declined).",
+    ["status"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "provider_webhook_deliveries_total",
+    "Webhook delivery attempts and decisions, by outcome"
+    " (delivered, retried, failed, dropped, duplicated).",
+    ["outcome"],
+)

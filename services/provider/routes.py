@@ -1,0 +1,148 @@
+"""The provider's HTTP API: decode the request, call services.provider.charges, encode.
+
+A simulated outage (PROVIDER_ERROR_RATE) is decided before anything else, so a 503 never
+leaves state behind, as with a real PSP whose load balancer refused the call.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from libs.common.errors import ApiError, service_unavailable
+from libs.common.web import DATABASE
+from services.provider.charges import (
+    Charge,
+    ChargeRequest,
+    IdempotencyKeyReused,
+    create_charge,
+    get_charge,
+    list_charges,
+)
+from services.provider.keys import SIMULATION
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/charges", create)
+    app.router.add_get("/charges", list_for_payment)
+    app.router.add_get("/charges/{charge_id}", get_one)
+
+
+def charge_json(charge: Charge) -> dict[str, Any]:
+    return {
+        "id": charge.id,
+        "payment_id": str(charge.payment_id),
+        "reference": charge.reference,
+        "amount_minor": charge.amount_minor,
+        "currency": charge.currency,
+        "customer_id": charge.customer_id,
+        "status": charge.status.value,
+        "decline_reason": charge.decline_reason,
+        "created_at": charge.created_at.isoformat(),
+        "settled_at": None if charge.settled_at is None else charge.settled_at.isoformat(),
+    }
+
+
+def _refuse_if_unavailable(request: web.Request) -> None:
+    if request.app[SIMULATION].unavailable():
+        raise service_unavailable(
+            "provider_unavailable",
+            "The provider is temporarily unavailable (simulated); retry with the same"
+            f" {IDEMPOTENCY_HEADER}.",
+        )
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        raise ApiError(
+            400, "idempotency_key_missing", f"Send an {IDEMPOTENCY_HEADER} header with each charge."
+        )
+    if not _IDEMPOTENCY_KEY_RE.match(key):
+        raise ApiError(
+            400,
+            "idempotency_key_invalid",
+            f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters.",
+        )
+    return key
+
+
+def _charge_request(body: bytes) -> ChargeRequest:
+    try:
+        return ChargeRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(error["type"] == "json_invalid" for error in errors):
+            raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+        details = [
+            {
+                "field": ".".join(str(part) for part in error["loc"]) or "body",
+                "code": error["type"],
+                "message": error["msg"],
+            }
+            for error in errors
+        ]
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        raise ApiError(
+            400, "validation_error", f"The charge is not valid: {summary}.", details=details
+        ) from None
+
+
+async def create(request: web.Request) -> web.Response:
+    _refuse_if_unavailable(request)
+    key = _idempotency_key(request)
+    charge_request = _charge_request(await request.read())
+    try:
+        result = await create_charge(
+            request.app[DATABASE], request.app[SIMULATION], key, charge_request
+        )
+    except IdempotencyKeyReused:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
+        ) from None
+    if result.replayed:
+        return web.json_response(
+            charge_json(result.charge), status=200, headers={REPLAYED_HEADER: "true"}
+        )
+    return web.json_response(
+        charge_json(result.charge),
+        status=201,
+        headers={"Location": f"/charges/{result.charge.id}"},
+    )
+
+
+async def get_one(request: web.Request) -> web.Response:
+    _refuse_if_unavailable(request)
+    charge_id = request.match_info["charge_id"]
+    charge = await get_charge(request.app[DATABASE], charge_id)
+    if charge is None:
+        raise ApiError(404, "charge_not_found", f"There is no charge {charge_id}.")
+    return web.json_response(charge_json(charge))
+
+
+async def list_for_payment(request: web.Request) -> web.Response:
+    _refuse_if_unavailable(request)
+    raw = request.query.get("payment_id")
+    try:
+        payment_id = uuid.UUID(raw) if raw else None
+    except ValueError:
+        payment_id = None
+    if payment_id is None:
+        raise ApiError(
+            400,
+            "validation_error",
+            "Give the payment to look up as a UUID: ?payment_id=<uuid>.",
+            details=[{"field": "payment_id", "code": "uuid_parsing", "message": "must be a UUID"}],
+        )
+    charges = await list_charges(request.app[DATABASE], payment_id)
+    return web.json_response({"data": [charge_json(charge) for charge in charges]})
