@@ -1,11 +1,11 @@
 """The provider service's application factory.
 
-Besides its API, the simulated PSP runs a background loop in its own cleanup context:
-settlement (processing charges reach their final status and queue a webhook). On
-shutdown aiohttp unwinds the contexts in reverse: the loop is cancelled first, then the
-pool closes. Whatever the loop was doing is either committed or rolled back, and anything
-left unfinished is picked up again on the next start (by this replica or another),
-because all state lives in the database.
+Besides its API, the simulated PSP runs two background loops, each in its own cleanup
+context: settlement (processing charges reach their final status and queue a webhook)
+and webhook delivery. On shutdown aiohttp unwinds the contexts in reverse: the loops are
+cancelled first, then the HTTP client and the pool close. Whatever a loop was doing is
+either committed or rolled back, and anything left unfinished is picked up again on the
+next start (by this replica or another), because all state lives in the database.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from libs.common.settings import ProviderSettings
 from libs.common.web import DATABASE, CleanupContext, create_service_app, database_context
 from services.provider.charges import SETTLE_BATCH_SIZE, settle_due
-from services.provider.keys import SETTLEMENT_TASK, SIMULATION
+from services.provider.deliveries import DELIVERY_BATCH_SIZE, WebhookTarget, deliver_due
+from services.provider.keys import DELIVERY_TASK, SETTLEMENT_TASK, SIMULATION, WEBHOOK_CLIENT
 from services.provider.routes import add_routes
 from services.provider.simulation import Simulation
 
@@ -35,7 +37,12 @@ def create_app(settings: ProviderSettings) -> web.Application:
     app = create_service_app(settings)
     app[SIMULATION] = Simulation.from_settings(settings)
     add_routes(app)
+    target = WebhookTarget(
+        url=settings.provider_webhook_url,
+        secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
+    )
     app.cleanup_ctx.append(database_context(settings))
+    app.cleanup_ctx.append(webhook_client_context())
     app.cleanup_ctx.append(
         background_context(
             SETTLEMENT_TASK,
@@ -44,7 +51,30 @@ def create_app(settings: ProviderSettings) -> web.Application:
             batch_size=SETTLE_BATCH_SIZE,
         )
     )
+    app.cleanup_ctx.append(
+        background_context(
+            DELIVERY_TASK,
+            "webhook delivery",
+            lambda: deliver_due(
+                app[DATABASE],
+                app[WEBHOOK_CLIENT],
+                app[SIMULATION],
+                target,
+                batch_size=DELIVERY_BATCH_SIZE,
+            ),
+            batch_size=DELIVERY_BATCH_SIZE,
+        )
+    )
     return app
+
+
+def webhook_client_context() -> CleanupContext:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            app[WEBHOOK_CLIENT] = session
+            yield
+
+    return context
 
 
 def background_context(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 from aiohttp import web
 
 from services.provider.simulation import Simulation
 
 SIMULATION = web.AppKey("simulation", Simulation)
+WEBHOOK_CLIENT = web.AppKey("webhook_client", aiohttp.ClientSession)
 SETTLEMENT_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("settlement_task")
+DELIVERY_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("delivery_task")
