@@ -11,6 +11,7 @@ in-flight work before the broker connection and the pool close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -231,6 +232,53 @@ def consumer_context(
         await consumer.stop(grace_seconds=shutdown_timeout)
 
     return context
+
+
+# After a failed round (say the database is restarting), wait longer each time, up to this.
+MAX_ERROR_BACKOFF_SECONDS = 5.0
+
+
+def background_context(
+    key: web.AppKey[asyncio.Task[None]],
+    name: str,
+    round_of_work: Callable[[], Awaitable[int]],
+    *,
+    batch_size: int,
+    interval: float,
+) -> CleanupContext:
+    """Run `round_of_work` every `interval` seconds while the app runs."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(
+            _repeat(name, round_of_work, batch_size=batch_size, interval=interval), name=name
+        )
+        app[key] = task
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return context
+
+
+async def _repeat(
+    name: str, round_of_work: Callable[[], Awaitable[int]], *, batch_size: int, interval: float
+) -> None:
+    failures = 0
+    while True:
+        try:
+            done = await round_of_work()
+        except Exception:
+            failures += 1
+            delay = min(interval * 2**failures, MAX_ERROR_BACKOFF_SECONDS)
+            log.exception(
+                "background work failed, trying again", extra={"task": name, "retry_in_s": delay}
+            )
+            await asyncio.sleep(delay)
+            continue
+        failures = 0
+        # A full batch means more is due already: take it without pausing.
+        await asyncio.sleep(0 if done >= batch_size else interval)
 
 
 def run(app: web.Application, settings: BaseServiceSettings) -> None:

@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from libs.common.broker.topology import Topology
 from libs.common.settings import GatewaySettings
-from libs.common.web import DATABASE, broker_context, create_service_app, database_context
+from libs.common.web import (
+    DATABASE,
+    background_context,
+    broker_context,
+    create_service_app,
+    database_context,
+)
 from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.routes import IDEMPOTENCY_KEYS, add_routes
 
-log = logging.getLogger(__name__)
-
 PURGE_INTERVAL_SECONDS = 600
+PURGE_BATCH = 1000
+PURGE_TASK = web.AppKey("idempotency_purge", asyncio.Task[None])
 
 
 async def _idempotency_keys(app: web.Application) -> AsyncIterator[None]:
-    keys = IdempotencyKeys(app[DATABASE])
-    app[IDEMPOTENCY_KEYS] = keys
-
-    async def purge_forever() -> None:
-        while True:
-            try:
-                purged = await keys.purge_expired()
-                if purged:
-                    log.info("expired idempotency keys purged", extra={"count": purged})
-            except Exception:
-                log.warning("idempotency key purge failed", exc_info=True)
-            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
-
-    purger = asyncio.create_task(purge_forever(), name="idempotency-key-purge")
+    app[IDEMPOTENCY_KEYS] = IdempotencyKeys(app[DATABASE])
     yield
-    purger.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await purger
 
 
 def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -> web.Application:
@@ -47,5 +35,14 @@ def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="gateway", topology=topology))
     app.cleanup_ctx.append(_idempotency_keys)
+    app.cleanup_ctx.append(
+        background_context(
+            PURGE_TASK,
+            "idempotency key purge",
+            lambda: app[IDEMPOTENCY_KEYS].purge_expired(batch=PURGE_BATCH),
+            batch_size=PURGE_BATCH,
+            interval=PURGE_INTERVAL_SECONDS,
+        )
+    )
     add_routes(app)
     return app

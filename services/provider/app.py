@@ -10,16 +10,20 @@ next start (by this replica or another), because all state lives in the database
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from libs.common.settings import ProviderSettings
-from libs.common.web import DATABASE, CleanupContext, create_service_app, database_context
+from libs.common.web import (
+    DATABASE,
+    CleanupContext,
+    background_context,
+    create_service_app,
+    database_context,
+)
 from services.provider.charges import SETTLE_BATCH_SIZE, settle_due
 from services.provider.deliveries import DELIVERY_BATCH_SIZE, WebhookTarget, deliver_due
 from services.provider.keys import DELIVERY_TASK, SETTLEMENT_TASK, SIMULATION, WEBHOOK_CLIENT
@@ -29,8 +33,6 @@ from services.provider.simulation import Simulation
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_SECONDS = 0.1
-# After a failed round (say the database is restarting), wait longer each time, up to this.
-MAX_ERROR_BACKOFF_SECONDS = 5.0
 
 
 def create_app(settings: ProviderSettings) -> web.Application:
@@ -49,6 +51,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
             "settlement",
             lambda: settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE),
             batch_size=SETTLE_BATCH_SIZE,
+            interval=POLL_INTERVAL_SECONDS,
         )
     )
     app.cleanup_ctx.append(
@@ -63,6 +66,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
                 batch_size=DELIVERY_BATCH_SIZE,
             ),
             batch_size=DELIVERY_BATCH_SIZE,
+            interval=POLL_INTERVAL_SECONDS,
         )
     )
     return app
@@ -75,46 +79,3 @@ def webhook_client_context() -> CleanupContext:
             yield
 
     return context
-
-
-def background_context(
-    key: web.AppKey[asyncio.Task[None]],
-    name: str,
-    round_of_work: Callable[[], Awaitable[int]],
-    *,
-    batch_size: int,
-    interval: float = POLL_INTERVAL_SECONDS,
-) -> CleanupContext:
-    """Run `round_of_work` every `interval` seconds while the app runs."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(
-            _repeat(name, round_of_work, batch_size=batch_size, interval=interval), name=name
-        )
-        app[key] = task
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return context
-
-
-async def _repeat(
-    name: str, round_of_work: Callable[[], Awaitable[int]], *, batch_size: int, interval: float
-) -> None:
-    failures = 0
-    while True:
-        try:
-            done = await round_of_work()
-        except Exception:
-            failures += 1
-            delay = min(interval * 2**failures, MAX_ERROR_BACKOFF_SECONDS)
-            log.exception(
-                "background work failed, trying again", extra={"task": name, "retry_in_s": delay}
-            )
-            await asyncio.sleep(delay)
-            continue
-        failures = 0
-        # A full batch means more is due already: take it without pausing.
-        await asyncio.sleep(0 if done >= batch_size else interval)
