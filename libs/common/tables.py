@@ -192,12 +192,18 @@ webhook_events = Table(
     Column("error", Text, nullable=True),
     Column("attempts", SmallInteger, nullable=False, server_default=text("0")),
     Column("processed_at", DateTime(timezone=True), nullable=True),
+    # An orphan (its payment unknown yet) is tried again from this moment on.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+    # The same event received again: counted, never applied again.
+    Column("duplicates", Integer, nullable=False, server_default=text("0")),
+    Column("last_duplicate_at", DateTime(timezone=True), nullable=True),
     _created_at(),
     UniqueConstraint("provider", "provider_event_id"),
     CheckConstraint(_one_of("status", WEBHOOK_EVENT_STATUSES), name="status_known"),
     CheckConstraint(_one_of("signature_scheme", SIGNATURE_SCHEMES), name="scheme_known"),
     Index(None, "payment_id"),
     Index(None, "status", "created_at"),
+    Index(None, "next_attempt_at", postgresql_where=text("status = 'orphaned'")),
     schema=WEBHOOKS_SCHEMA,
 )
 

@@ -17,7 +17,7 @@ from libs.common.web import (
     database_context,
 )
 from services.gateway.idempotency import IdempotencyKeys
-from services.gateway.routes import IDEMPOTENCY_KEYS, add_routes
+from services.gateway.routes import GATEWAY_SETTINGS, IDEMPOTENCY_KEYS, add_routes
 
 PURGE_INTERVAL_SECONDS = 600
 PURGE_BATCH = 1000
@@ -32,6 +32,7 @@ async def _idempotency_keys(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app(settings)
+    app[GATEWAY_SETTINGS] = settings
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="gateway", topology=topology))
     app.cleanup_ctx.append(_idempotency_keys)

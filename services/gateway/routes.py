@@ -6,6 +6,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.settings import GatewaySettings
 from libs.common.web import BROKER, DATABASE, read_body, require_json
 from services.gateway.idempotency import IdempotencyKeys, check_key
 from services.gateway.intake import accept_payment
@@ -17,8 +18,10 @@ from services.gateway.queries import (
     payment_stats,
 )
 from services.gateway.validation import MAX_BODY_BYTES, parse_json_object, parse_payment_order
+from services.gateway.webhooks import MAX_WEBHOOK_BYTES, get_event, parse_event_id, receive_webhook
 
 IDEMPOTENCY_KEYS = web.AppKey("idempotency_keys", IdempotencyKeys)
+GATEWAY_SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 # Without API keys every caller shares one idempotency namespace.
 ANONYMOUS_SCOPE = "anonymous"
@@ -55,6 +58,23 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(await payment_stats(request.app[DATABASE]))
 
 
+async def webhook(request: web.Request) -> web.Response:
+    settings = request.app[GATEWAY_SETTINGS]
+    body = await receive_webhook(
+        await read_body(request, MAX_WEBHOOK_BYTES),
+        request.headers,
+        secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
+        publish=request.app[BROKER].publish,
+        db=request.app[DATABASE],
+    )
+    return web.json_response(body, status=202)
+
+
+async def get_webhook(request: web.Request) -> web.Response:
+    event_id = parse_event_id(request.match_info["event_id"])
+    return web.json_response(await get_event(request.app[DATABASE], event_id))
+
+
 async def openapi(_: web.Request) -> web.FileResponse:
     return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
 
@@ -65,4 +85,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/payments/stats", stats)
     app.router.add_get("/api/payments/{payment_id}", get_one)
     app.router.add_get("/api/payments", get_page)
+    app.router.add_post("/api/webhooks", webhook)
+    app.router.add_get("/api/webhooks/{event_id}", get_webhook)
     app.router.add_get("/api/openapi.json", openapi)
