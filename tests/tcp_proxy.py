@@ -23,6 +23,8 @@ class TcpProxy:
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.bytes_held = 0
+        # Added before each chunk from upstream reaches the client (a slow provider).
+        self.response_delay_seconds = 0.0
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -86,6 +88,8 @@ class TcpProxy:
             if self._holding and not upstream_bound:
                 self.bytes_held += len(data)
                 continue
+            if self.response_delay_seconds and not upstream_bound:
+                await asyncio.sleep(self.response_delay_seconds)
             writer.write(data)
             with contextlib.suppress(ConnectionError):
                 await writer.drain()

@@ -11,6 +11,7 @@ import enum
 from typing import Annotated, ClassVar, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from croniter import croniter
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -181,6 +182,21 @@ class ReconcilerSettings(DatabaseSettings, BrokerSettings, ProviderClientSetting
     # None means the environment's default: every 5 minutes in development, hourly in production.
     reconcile_cron: str | None = None
     reconcile_min_age_seconds: int = Field(default=120, ge=0)
+
+    reconcile_batch_size: int = Field(default=500, ge=1, le=10_000)
+    reconcile_concurrency: int = Field(default=20, ge=1, le=500)
+    # A payment the provider never saw is submitted again while younger than this;
+    # older, it is marked failed.
+    reconcile_resubmit_max_age_seconds: int = Field(default=3600, ge=0)
+
+    @field_validator("reconcile_cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a cron expression (five fields, e.g. '*/5 * * * *')"
+            )
+        return value
 
     @property
     def effective_reconcile_cron(self) -> str:

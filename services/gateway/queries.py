@@ -23,6 +23,7 @@ from libs.common.db import Connection, Database
 from libs.common.errors import ApiError
 from libs.common.money import format_minor_units
 from libs.common.states import PaymentStatus
+from services.gateway.reconciliations import run_json
 
 _PAYMENT_COLUMNS = """
     id, reference, status, amount_minor, currency, customer_id, description, metadata,
@@ -196,9 +197,7 @@ async def payment_stats(db: Database) -> dict[str, Any]:
             "SELECT status, sum(count)::bigint AS count FROM webhooks.webhook_stats GROUP BY status"
         )
         last_run = await conn.fetchrow(
-            "SELECT id, trigger, status, started_at, finished_at, checked, updated, unchanged,"
-            " errors, duration_ms FROM reconciler.reconciliation_logs"
-            " ORDER BY started_at DESC LIMIT 1"
+            "SELECT * FROM reconciler.reconciliation_logs ORDER BY started_at DESC LIMIT 1"
         )
         return payments, webhooks, last_run
 
@@ -233,20 +232,5 @@ async def payment_stats(db: Database) -> dict[str, Any]:
             "success_rate": round(succeeded / settled, 4) if settled else None,
         },
         "webhooks": {"total": sum(webhooks.values()), "by_status": webhooks},
-        "last_reconciliation": _run_json(last_run) if last_run else None,
-    }
-
-
-def _run_json(row: Record) -> dict[str, Any]:
-    return {
-        "id": str(row["id"]),
-        "trigger": row["trigger"],
-        "status": row["status"],
-        "started_at": row["started_at"].isoformat(),
-        "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
-        "checked": row["checked"],
-        "updated": row["updated"],
-        "unchanged": row["unchanged"],
-        "errors": row["errors"],
-        "duration_ms": row["duration_ms"],
+        "last_reconciliation": run_json(last_run) if last_run else None,
     }

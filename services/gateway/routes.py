@@ -17,6 +17,13 @@ from services.gateway.queries import (
     parse_payment_id,
     payment_stats,
 )
+from services.gateway.reconciliations import (
+    get_run,
+    list_runs,
+    parse_limit,
+    parse_run_id,
+    request_run,
+)
 from services.gateway.validation import MAX_BODY_BYTES, parse_json_object, parse_payment_order
 from services.gateway.webhooks import MAX_WEBHOOK_BYTES, get_event, parse_event_id, receive_webhook
 
@@ -75,6 +82,23 @@ async def get_webhook(request: web.Request) -> web.Response:
     return web.json_response(await get_event(request.app[DATABASE], event_id))
 
 
+async def request_reconciliation(request: web.Request) -> web.Response:
+    run = await request_run(request.app[BROKER].publish)
+    return web.json_response(
+        run, status=202, headers={"Location": f"/api/reconciliations/{run['id']}"}
+    )
+
+
+async def reconciliation_runs(request: web.Request) -> web.Response:
+    limit = parse_limit(request.query.get("limit"))
+    return web.json_response(await list_runs(request.app[DATABASE], limit))
+
+
+async def reconciliation_run(request: web.Request) -> web.Response:
+    run_id = parse_run_id(request.match_info["run_id"])
+    return web.json_response(await get_run(request.app[DATABASE], run_id))
+
+
 async def openapi(_: web.Request) -> web.FileResponse:
     return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
 
@@ -87,4 +111,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/payments", get_page)
     app.router.add_post("/api/webhooks", webhook)
     app.router.add_get("/api/webhooks/{event_id}", get_webhook)
+    app.router.add_post("/api/reconciliations", request_reconciliation)
+    app.router.add_get("/api/reconciliations", reconciliation_runs)
+    app.router.add_get("/api/reconciliations/{run_id}", reconciliation_run)
     app.router.add_get("/api/openapi.json", openapi)

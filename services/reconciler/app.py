@@ -1,10 +1,43 @@
-"""The reconciler service's application factory."""
+"""The reconciler's application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from libs.common.broker.consumer import Handler
 from libs.common.broker.topology import Topology
+from libs.common.messages import Envelope, ReconciliationRequested
 from libs.common.settings import ReconcilerSettings
-from libs.common.web import broker_context, create_service_app, database_context
+from libs.common.web import (
+    DATABASE,
+    PROVIDER,
+    background_context,
+    broker_context,
+    consumer_context,
+    create_service_app,
+    database_context,
+    provider_client_context,
+)
+from services.reconciler.runs import Reconciler, RunPolicy, finished_before
+from services.reconciler.schedule import measure_backlog, run_on_schedule
+
+RECONCILER = web.AppKey("reconciler", Reconciler)
+BACKLOG_GAUGE = web.AppKey("backlog_gauge", asyncio.Task[None])
+BACKLOG_INTERVAL_SECONDS = 15.0
+
+
+def _on_request(app: web.Application) -> Handler[ReconciliationRequested]:
+    async def handle(envelope: Envelope[ReconciliationRequested]) -> None:
+        request = envelope.payload
+        if await finished_before(app[DATABASE], request.run_id):
+            return
+        await app[RECONCILER].run(trigger=request.trigger, run_id=request.run_id)
+
+    return handle
 
 
 def create_app(
@@ -12,6 +45,49 @@ def create_app(
 ) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app(settings)
+    policy = RunPolicy(
+        min_age_seconds=settings.reconcile_min_age_seconds,
+        resubmit_max_age_seconds=settings.reconcile_resubmit_max_age_seconds,
+        batch_size=settings.reconcile_batch_size,
+        concurrency=settings.reconcile_concurrency,
+    )
+
+    async def reconciler(app: web.Application) -> AsyncIterator[None]:
+        app[RECONCILER] = Reconciler(app[DATABASE], app[PROVIDER], policy)
+        yield
+
+    async def scheduler(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(
+            run_on_schedule(
+                settings.effective_reconcile_cron, lambda: app[RECONCILER].run(trigger="cron")
+            ),
+            name="reconciliation schedule",
+        )
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="reconciler", topology=topology))
+    app.cleanup_ctx.append(provider_client_context(settings))
+    app.cleanup_ctx.append(reconciler)
+    app.cleanup_ctx.append(scheduler)
+    app.cleanup_ctx.append(
+        background_context(
+            BACKLOG_GAUGE,
+            "backlog gauge",
+            lambda: measure_backlog(app[DATABASE]),
+            batch_size=1,
+            interval=BACKLOG_INTERVAL_SECONDS,
+        )
+    )
+    app.cleanup_ctx.append(
+        consumer_context(
+            lambda topology: topology.reconciliation_requested,
+            ReconciliationRequested,
+            _on_request,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+        )
+    )
     return app

@@ -1,0 +1,29 @@
+"""The reconciler's metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RUNS = Counter(
+    "reconciliation_runs_total",
+    "Reconciliation runs, by trigger (cron, manual) and outcome (completed, partial, failed,"
+    " skipped).",
+    ["trigger", "outcome"],
+)
+RUN_DURATION = Histogram(
+    "reconciliation_run_duration_seconds",
+    "How long a reconciliation run took.",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+PAYMENTS_SETTLED = Counter(
+    "reconciliation_payments_settled_total",
+    "Payments whose status a reconciliation run changed, by the status they moved to.",
+    ["to_status"],
+)
+LAST_SUCCESSFUL_RUN = Gauge(
+    "reconciliation_last_success_timestamp_seconds",
+    "When this process last finished a reconciliation run without errors (Unix time).",
+)
+OLDEST_UNSETTLED_AGE = Gauge(
+    "payments_oldest_unsettled_age_seconds",
+    "Age of the oldest payment still pending or processing, by status.",
+    ["status"],
+)
