@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, overload
 import aiohttp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from libs.common.logs import get_correlation_id
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -139,6 +141,10 @@ class ProviderClient:
         self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any
     ) -> str | None:
         """The body of a successful answer; None for a 404 when `missing_ok`."""
+        correlation_id = get_correlation_id()
+        if correlation_id:
+            # The provider logs under the same id, so one payment's story reads across services.
+            kwargs["headers"] = {**kwargs.get("headers", {}), "X-Correlation-ID": correlation_id}
         try:
             async with self._session.request(
                 method, self._base_url + path, timeout=self._timeout, **kwargs
