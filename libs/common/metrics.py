@@ -7,7 +7,7 @@ deltas rather than absolute values.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Latency buckets from 1 ms to 10 s: the API answers in milliseconds, timeouts are seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -50,4 +50,15 @@ PAYMENT_TRANSITIONS = Counter(
     "payment_transitions_total",
     "Payment status changes asked for, by source, target status and outcome (applied, refused).",
     ["source", "to_status", "outcome"],
+)
+
+QUEUE_MESSAGES = Gauge(
+    "broker_queue_messages",
+    "Messages waiting in a queue (ready, not yet delivered), as last seen by its consumer.",
+    ["queue"],
+)
+QUEUE_CONSUMERS = Gauge(
+    "broker_queue_consumers",
+    "Consumers attached to a queue, as last seen by one of them.",
+    ["queue"],
 )

@@ -16,6 +16,7 @@ message), so handlers must be idempotent; the inbox helper in libs.common.inbox 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -30,7 +31,12 @@ from libs.common.broker.publisher import PublishError
 from libs.common.broker.topology import QueueSpec
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, MessageDecodeError, P, decode
-from libs.common.metrics import MESSAGE_PROCESSING_DURATION, MESSAGES_CONSUMED
+from libs.common.metrics import (
+    MESSAGE_PROCESSING_DURATION,
+    MESSAGES_CONSUMED,
+    QUEUE_CONSUMERS,
+    QUEUE_MESSAGES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +78,38 @@ class Consumer(Generic[P]):
         self._amqp_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._gauge_task: asyncio.Task[None] | None = None
+        self.depth_interval_seconds = 5.0
 
     async def start(self) -> None:
         self._channel = await self.broker.new_channel()
         await self._channel.set_qos(prefetch_count=self.prefetch)
         self._amqp_queue = await self._channel.get_queue(self.queue.name, ensure=True)
         self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+        self._gauge_task = asyncio.create_task(
+            self._measure_depth(self._channel), name="queue depth"
+        )
         log.info("consuming", extra={"queue": self.queue.name, "prefetch": self.prefetch})
+
+    async def _measure_depth(self, channel: AbstractRobustChannel) -> None:
+        """Keep the queue-depth gauges current for this queue and its parking queue."""
+        while True:
+            try:
+                underlay = await channel.get_underlay_channel()
+                for name in (self.queue.name, self.queue.parking):
+                    declared = await underlay.queue_declare(name, passive=True, timeout=5)
+                    QUEUE_MESSAGES.labels(queue=name).set(declared.message_count or 0)
+                    QUEUE_CONSUMERS.labels(queue=name).set(declared.consumer_count or 0)
+            except (aio_pika.exceptions.AMQPError, RuntimeError, TimeoutError, OSError) as exc:
+                log.debug("queue depth not measured", extra={"error": repr(exc)})
+            await asyncio.sleep(self.depth_interval_seconds)
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop taking messages, let in-flight ones finish (or be redelivered), close."""
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
         if self._amqp_queue is not None and self._consumer_tag is not None:
             try:
                 await asyncio.wait_for(self._amqp_queue.cancel(self._consumer_tag), grace_seconds)
