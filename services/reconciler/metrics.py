@@ -20,7 +20,7 @@ PAYMENTS_SETTLED = Counter(
 )
 LAST_SUCCESSFUL_RUN = Gauge(
     "reconciliation_last_success_timestamp_seconds",
-    "When this process last finished a reconciliation run without errors (Unix time).",
+    "When the last reconciliation run (by any replica) finished without errors (Unix time).",
 )
 OLDEST_UNSETTLED_AGE = Gauge(
     "payments_oldest_unsettled_age_seconds",

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from croniter import croniter
 
 from libs.common.db import Database
-from services.reconciler.metrics import OLDEST_UNSETTLED_AGE
+from services.reconciler.metrics import LAST_SUCCESSFUL_RUN, OLDEST_UNSETTLED_AGE
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,15 @@ async def run_on_schedule(expression: str, run: Callable[[], Awaitable[object]])
 
 
 async def measure_backlog(db: Database) -> int:
-    """Set the age of the oldest pending and processing payment. Returns 0 (never 'busy')."""
+    """Set the backlog gauges from the database, so every replica reports the same truth.
+
+    Returns 0: one round is always enough."""
+    last_success = await db.fetchrow(
+        "SELECT extract(epoch FROM max(finished_at)) AS at FROM reconciler.reconciliation_logs"
+        " WHERE status = 'completed'"
+    )
+    if last_success is not None and last_success["at"] is not None:
+        LAST_SUCCESSFUL_RUN.set(float(last_success["at"]))
     rows = await db.fetch(
         """
         SELECT status, extract(epoch FROM now() - min(created_at)) AS age
