@@ -43,7 +43,10 @@ CommaList = Annotated[list[SecretStr], NoDecode]
 class BaseServiceSettings(BaseSettings):
     """What every service reads."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+    # An empty variable counts as unset, as `${VAR:-}` in docker compose produces.
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     service_name: ClassVar[str] = "service"
 
