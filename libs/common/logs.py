@@ -16,6 +16,9 @@ from collections.abc import Iterator
 
 from pythonjsonlogger.json import JsonFormatter
 
+# The HTTP header that carries it between services (and back from the provider).
+CORRELATION_HEADER = "X-Correlation-ID"
+
 _correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "correlation_id", default=None
 )

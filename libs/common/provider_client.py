@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, overload
 import aiohttp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from libs.common.logs import get_correlation_id
+from libs.common.logs import CORRELATION_HEADER, get_correlation_id
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ProviderClient:
         correlation_id = get_correlation_id()
         if correlation_id:
             # The provider logs under the same id, so one payment's story reads across services.
-            kwargs["headers"] = {**kwargs.get("headers", {}), "X-Correlation-ID": correlation_id}
+            kwargs["headers"] = {**kwargs.get("headers", {}), CORRELATION_HEADER: correlation_id}
         try:
             async with self._session.request(
                 method, self._base_url + path, timeout=self._timeout, **kwargs

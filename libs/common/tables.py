@@ -321,6 +321,9 @@ charges = Table(
     Column("decline_reason", Text, nullable=True),
     Column("settle_at", DateTime(timezone=True), nullable=False),
     Column("settled_at", DateTime(timezone=True), nullable=True),
+    # The merchant request's correlation id, echoed on this charge's webhooks (as a
+    # PSP's metadata passthrough), so one payment's story reads across services.
+    Column("correlation_id", Text, nullable=True),
     _created_at(),
     CheckConstraint("amount_minor > 0", name="amount_positive"),
     CheckConstraint(_one_of("status", CHARGE_STATUSES), name="status_known"),

@@ -27,7 +27,7 @@ from libs.common.broker.topology import QueueSpec, Topology
 from libs.common.db import Database, is_transient
 from libs.common.errors import ApiError as ApiError  # re-exported for route modules
 from libs.common.errors import service_unavailable
-from libs.common.logs import correlation_scope
+from libs.common.logs import CORRELATION_HEADER, correlation_scope
 from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 from libs.common.provider_client import ProviderClient
@@ -46,7 +46,6 @@ BROKER = web.AppKey("broker", Broker)
 PROVIDER = web.AppKey("provider", ProviderClient)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 
-CORRELATION_HEADER = "X-Correlation-ID"
 _CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 READY_TIMEOUT_SECONDS = 2.0
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})

@@ -100,4 +100,13 @@ async def accept_payment(
 
     if idempotency_key is not None:
         await keys.complete(scope, idempotency_key, 202, body)
+    log.info(
+        "payment accepted",
+        extra={
+            "payment_id": body["id"],
+            "reference": body["reference"],
+            "amount": body["amount"],
+            "currency": body["currency"],
+        },
+    )
     return Accepted(body)

@@ -87,6 +87,14 @@ class PaymentIntake:
             return
         CHARGE_REQUESTS.labels(outcome=charge.status).inc()
         await self.db.transaction(lambda conn: record_charge(conn, payment.payment_id, charge))
+        log.info(
+            "charge recorded",
+            extra={
+                "payment_id": str(payment.payment_id),
+                "charge_id": charge.id,
+                "charge_status": charge.status,
+            },
+        )
 
 
 async def _store(conn: Connection, envelope: Envelope[PaymentRequested]) -> PaymentStatus:
@@ -115,6 +123,7 @@ async def _store(conn: Connection, envelope: Envelope[PaymentRequested]) -> Paym
         await record_creation(
             conn, payment.payment_id, source=TransitionSource.API, reason="accepted by gateway"
         )
+        log.info("payment stored", extra={"payment_id": str(payment.payment_id)})
         return PaymentStatus.PENDING
     status = await conn.fetchval(
         "SELECT status FROM payments.payments WHERE id = $1", payment.payment_id

@@ -24,6 +24,7 @@ import asyncpg
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs.common.db import Connection, Database
+from libs.common.logs import get_correlation_id
 from services.provider.metrics import CHARGES_CREATED, CHARGES_SETTLED
 from services.provider.simulation import Simulation
 
@@ -155,10 +156,10 @@ _COLUMNS = (
 _INSERT_SQL = f"""
 INSERT INTO provider.charges
     (id, idempotency_key, request_hash, payment_id, reference, amount_minor, currency,
-     customer_id, status, decline_reason, settle_at, settled_at)
+     customer_id, status, decline_reason, settle_at, settled_at, correlation_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text, $10,
         now() + make_interval(secs => $11::double precision),
-        CASE WHEN $9::text = 'processing' THEN NULL ELSE now() END)
+        CASE WHEN $9::text = 'processing' THEN NULL ELSE now() END, $12)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING {_COLUMNS}
 """  # noqa: S608 - the column list is a constant, every value a parameter
@@ -217,6 +218,7 @@ async def create_charge(
             (ChargeStatus.DECLINED if declined else ChargeStatus.PROCESSING).value,
             DeclineReason.CARD_DECLINED.value if declined else None,
             0.0 if declined else simulation.settle_delay_ms / 1000,
+            get_correlation_id(),
         )
         if row is not None:
             charge = Charge.from_row(row)

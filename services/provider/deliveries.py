@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import aiohttp
 
 from libs.common.db import Connection, Database
+from libs.common.logs import CORRELATION_HEADER, correlation_scope
 from libs.common.signing import signature_headers
 from services.provider.metrics import WEBHOOK_DELIVERIES
 from services.provider.simulation import Simulation
@@ -62,6 +63,7 @@ class _Claimed:
     id: str
     body: bytes
     attempts: int
+    correlation_id: str | None
     # The claim's token: the outcome is written only while next_attempt_at still equals it.
     claimed_until: dt.datetime
 
@@ -78,7 +80,9 @@ UPDATE provider.webhook_deliveries AS d
    SET next_attempt_at = now() + make_interval(secs => $2::double precision)
   FROM due
  WHERE d.id = due.id
-RETURNING d.id, d.body, d.attempts, d.next_attempt_at
+RETURNING d.id, d.body, d.attempts, d.next_attempt_at,
+          (SELECT c.correlation_id FROM provider.charges c WHERE c.id = d.charge_id)
+              AS correlation_id
 """
 
 _DROP_SQL = """
@@ -136,7 +140,13 @@ async def _claim(
                 dropped.append(row["id"])
             else:
                 to_send.append(
-                    _Claimed(row["id"], row["body"], row["attempts"], row["next_attempt_at"])
+                    _Claimed(
+                        row["id"],
+                        row["body"],
+                        row["attempts"],
+                        row["correlation_id"],
+                        row["next_attempt_at"],
+                    )
                 )
         if dropped:
             await conn.execute(_DROP_SQL, dropped)
@@ -154,7 +164,7 @@ async def _gather_attempts(
     claimed: list[_Claimed],
 ) -> list[str]:
     results = await asyncio.gather(
-        *(_attempt(db, session, simulation, target, policy, d) for d in claimed),
+        *(_attempt_in_scope(db, session, simulation, target, policy, d) for d in claimed),
         return_exceptions=True,
     )
     outcomes: list[str] = []
@@ -172,6 +182,19 @@ async def _gather_attempts(
     return outcomes
 
 
+async def _attempt_in_scope(
+    db: Database,
+    session: aiohttp.ClientSession,
+    simulation: Simulation,
+    target: WebhookTarget,
+    policy: RetryPolicy,
+    delivery: _Claimed,
+) -> list[str]:
+    # Log under the correlation id of the request that created the charge.
+    with correlation_scope(delivery.correlation_id):
+        return await _attempt(db, session, simulation, target, policy, delivery)
+
+
 async def _attempt(
     db: Database,
     session: aiohttp.ClientSession,
@@ -185,6 +208,8 @@ async def _attempt(
         "Content-Type": "application/json",
         **signature_headers(delivery.body, target.secrets, message_id=delivery.id),
     }
+    if delivery.correlation_id:
+        headers[CORRELATION_HEADER] = delivery.correlation_id
     status, error = await _send(session, target, delivery.body, headers)
     attempt = delivery.attempts + 1
     if status is not None and 200 <= status < 300:

@@ -21,3 +21,11 @@ WEBHOOK_DELIVERIES = Counter(
     " (delivered, retried, failed, dropped, duplicated).",
     ["outcome"],
 )
+
+# Every known label value starts at 0, so rate() sees the first one too.
+for _outcome in ("accepted", "declined"):
+    CHARGES_CREATED.labels(outcome=_outcome)
+for _status in ("succeeded", "declined"):
+    CHARGES_SETTLED.labels(status=_status)
+for _outcome in ("delivered", "retried", "failed", "dropped", "duplicated"):
+    WEBHOOK_DELIVERIES.labels(outcome=_outcome)
