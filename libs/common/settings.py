@@ -12,6 +12,7 @@ from typing import Annotated, ClassVar, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from croniter import croniter
+from limits import parse_many
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -156,7 +157,23 @@ class GatewaySettings(DatabaseSettings, BrokerSettings, WebhookSigningSettings):
     api_secret: SecretStr | None = None
     api_keys: CommaList = Field(default_factory=list)
 
+    # Per API key (per client address without keys), in the `limits` notation.
+    rate_limit: str = "100/second"
+    # Webhook requests with a bad signature, per client address; past it, 429.
+    webhook_failure_limit: str = "20/minute"
+
     _split_keys = field_validator("api_keys", mode="before")(_split_commas)
+
+    @field_validator("rate_limit", "webhook_failure_limit")
+    @classmethod
+    def _valid_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a rate limit (e.g. '100/second' or '20/minute')"
+            ) from None
+        return value
 
     def all_api_keys(self) -> list[SecretStr]:
         """API_KEYS plus the seed's single API_SECRET; empty means no API auth."""

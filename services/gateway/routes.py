@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.errors import ApiError
 from libs.common.settings import GatewaySettings
 from libs.common.web import BROKER, DATABASE, read_body, require_json
+from services.gateway.access import ANONYMOUS, PROTECTED_PREFIXES, ApiKeys, RateLimits
 from services.gateway.idempotency import IdempotencyKeys, check_key
 from services.gateway.intake import accept_payment
 from services.gateway.queries import (
@@ -27,11 +30,31 @@ from services.gateway.reconciliations import (
 from services.gateway.validation import MAX_BODY_BYTES, parse_json_object, parse_payment_order
 from services.gateway.webhooks import MAX_WEBHOOK_BYTES, get_event, parse_event_id, receive_webhook
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEYS = web.AppKey("idempotency_keys", IdempotencyKeys)
 GATEWAY_SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
+API_KEYS = web.AppKey("api_keys", ApiKeys)
+RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
+# Who is calling: an API key's id, or "anonymous" without API keys.
+CLIENT = web.RequestKey("client", str)
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-# Without API keys every caller shares one idempotency namespace.
-ANONYMOUS_SCOPE = "anonymous"
+
+
+def _address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API keys and rate limits for the API; the signature-failure limit for webhooks."""
+    if request.path.startswith(PROTECTED_PREFIXES):
+        identity = request.app[API_KEYS].identify(request.headers.get("Authorization"))
+        limited_as = identity if identity != ANONYMOUS else f"address:{_address(request)}"
+        await request.app[RATE_LIMITS].admit(limited_as)
+        request[CLIENT] = identity
+    elif request.path == "/api/webhooks":
+        await request.app[RATE_LIMITS].admit_webhook(_address(request))
+    return await handler(request)
 
 
 async def pay(request: web.Request) -> web.Response:
@@ -43,7 +66,8 @@ async def pay(request: web.Request) -> web.Response:
         publish=request.app[BROKER].publish,
         keys=request.app[IDEMPOTENCY_KEYS],
         idempotency_key=check_key(key) if key is not None else None,
-        scope=ANONYMOUS_SCOPE,
+        # Each API key has its own idempotency keys.
+        scope=request[CLIENT],
     )
     headers = {"Location": f"/api/payments/{accepted.body['id']}"}
     if accepted.replayed:
@@ -67,13 +91,18 @@ async def stats(request: web.Request) -> web.Response:
 
 async def webhook(request: web.Request) -> web.Response:
     settings = request.app[GATEWAY_SETTINGS]
-    body = await receive_webhook(
-        await read_body(request, MAX_WEBHOOK_BYTES),
-        request.headers,
-        secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
-        publish=request.app[BROKER].publish,
-        db=request.app[DATABASE],
-    )
+    try:
+        body = await receive_webhook(
+            await read_body(request, MAX_WEBHOOK_BYTES),
+            request.headers,
+            secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
+            publish=request.app[BROKER].publish,
+            db=request.app[DATABASE],
+        )
+    except ApiError as exc:
+        if exc.status == 401:
+            await request.app[RATE_LIMITS].signature_failed(_address(request))
+        raise
     return web.json_response(body, status=202)
 
 
@@ -104,6 +133,10 @@ async def openapi(_: web.Request) -> web.FileResponse:
 
 
 def add_routes(app: web.Application) -> None:
+    settings = app[GATEWAY_SETTINGS]
+    app[API_KEYS] = ApiKeys([k.get_secret_value() for k in settings.all_api_keys()])
+    app[RATE_LIMITS] = RateLimits(settings.rate_limit, settings.webhook_failure_limit)
+    app.middlewares.append(guard)
     app.router.add_post("/api/payments/pay", pay)
     # Before /{payment_id}, which would otherwise take "stats" for an id.
     app.router.add_get("/api/payments/stats", stats)
