@@ -9,7 +9,8 @@ What can become of an event:
 - applied: the payment moved;
 - refused: the move was not allowed (a late or out-of-order event: failed after
   completed, processing after completed); recorded in the payment's audit trail;
-- rejected: it names a payment whose reference differs, or no valid payment id;
+- rejected: it names no valid payment id, or a payment whose reference (or charge)
+  differs from the event's;
 - ignored: an event type this platform does not act on;
 - orphaned: no such payment yet (the webhook beat the payment). Tried again with a
   growing delay; if the payment never appears it stays orphaned, counted and visible.
@@ -20,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+
+import asyncpg
+from asyncpg import Record
 
 from libs.common.broker.consumer import PoisonMessage
 from libs.common.db import Connection, Database
@@ -123,17 +127,22 @@ async def _decide(
         return "ignored", f"event type {event.event_type!r} is not one this platform acts on", None
     if payment_id is None:
         return "rejected", f"payment_id {event.claimed_payment_id!r} is not a UUID", None
-    reference = await conn.fetchval(
-        "SELECT reference FROM payments.payments WHERE id = $1", payment_id
+    payment = await conn.fetchrow(
+        "SELECT reference, provider, provider_reference FROM payments.payments WHERE id = $1",
+        payment_id,
     )
-    if reference is None:
+    if payment is None:
         return "orphaned", f"no payment {payment_id} (yet)", None
-    if event.reference != reference:
+    if event.reference != payment["reference"]:
         return (
             "rejected",
-            f"data.reference {event.reference!r} does not match the payment's {reference!r}",
+            f"data.reference {event.reference!r} does not match the payment's"
+            f" {payment['reference']!r}",
             payment_id,
         )
+    conflict = await _charge_conflict(conn, payment_id, payment, event.provider_reference)
+    if conflict:
+        return "rejected", conflict, payment_id
     transition = await apply_transition(
         conn,
         payment_id,
@@ -150,13 +159,36 @@ async def _decide(
     return "refused", f"not allowed from {transition.from_status} to {target}", payment_id
 
 
+async def _charge_conflict(
+    conn: Connection, payment_id: uuid.UUID, payment: Record, provider_reference: str | None
+) -> str | None:
+    """Why the event's charge cannot be this payment's, if it cannot."""
+    if provider_reference is None or provider_reference == payment["provider_reference"]:
+        return None
+    if payment["provider_reference"] is not None:
+        return (
+            f"data.provider_reference {provider_reference!r} is not the payment's charge"
+            f" {payment['provider_reference']!r}"
+        )
+    taken_by = await conn.fetchval(
+        "SELECT id FROM payments.payments"
+        " WHERE provider IS NOT DISTINCT FROM $1 AND provider_reference = $2 AND id <> $3",
+        payment["provider"],
+        provider_reference,
+        payment_id,
+    )
+    if taken_by is not None:
+        return f"data.provider_reference {provider_reference!r} is another payment's charge"
+    return None
+
+
 async def retry_orphans(db: Database, *, batch_size: int) -> int:
     """Try due orphans again (their payment may exist now). Returns how many were tried."""
 
     async def retry(conn: Connection) -> int:
         rows = await conn.fetch(
             """
-            SELECT raw_body FROM webhooks.webhook_events
+            SELECT id, raw_body FROM webhooks.webhook_events
              WHERE status = 'orphaned' AND next_attempt_at <= now()
              ORDER BY next_attempt_at
              LIMIT $1
@@ -165,7 +197,27 @@ async def retry_orphans(db: Database, *, batch_size: int) -> int:
             batch_size,
         )
         for row in rows:
-            outcome = await apply_event(conn, parse_event(row["raw_body"]))
+            # Each orphan in its own savepoint: one that fails must not hold up the rest.
+            try:
+                async with conn.transaction():
+                    outcome = await apply_event(conn, parse_event(row["raw_body"]))
+            except (asyncpg.PostgresError, InvalidEvent) as exc:
+                outcome = "failed"
+                log.exception("orphan retry failed", extra={"event_id": str(row["id"])})
+                await conn.execute(
+                    """
+                    UPDATE webhooks.webhook_events
+                       SET attempts = attempts + 1, error = $2,
+                           next_attempt_at = CASE WHEN attempts + 1 < $3
+                               THEN now() + make_interval(secs => least(power(2, attempts + 1), $4))
+                           END
+                     WHERE id = $1
+                    """,
+                    row["id"],
+                    f"retry failed: {exc!r}"[:1000],
+                    ORPHAN_ATTEMPTS,
+                    MAX_ORPHAN_DELAY_SECONDS,
+                )
             WEBHOOK_EVENTS.labels(outcome=f"{outcome}_on_retry").inc()
         return len(rows)
 

@@ -400,6 +400,76 @@ async def test_orphan_is_applied_once_its_payment_appears(db: Database) -> None:
     assert await retry_orphans(db, batch_size=10) == 0
 
 
+async def set_charge(db: Database, payment_id: uuid.UUID, charge: str) -> None:
+    await db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE payments.payments SET provider = 'simulated', provider_reference = $2"
+            " WHERE id = $1",
+            payment_id,
+            charge,
+        )
+    )
+
+
+async def test_charge_of_another_payment_is_rejected(db: Database) -> None:
+    other = await add_payment(db)
+    await set_charge(db, other.id, "ch_1")
+    payment = await add_payment(db)
+    await set_charge(db, payment.id, "ch_2")
+
+    wrong = webhook_body(str(payment.id), payment.reference, provider_reference="ch_1")
+    assert await handle(db, received(wrong)) == "rejected"
+
+    [event] = await events(db)
+    assert "not the payment's charge" in event["error"]
+    assert (await payment_row(db, payment.id))["status"] == "pending"
+
+
+async def test_charge_taken_by_another_payment_is_rejected_before_any_write(db: Database) -> None:
+    """The unique (provider, provider_reference) index must never abort the transaction."""
+    other = await add_payment(db)
+    await set_charge(db, other.id, "ch_1")
+    payment = await add_payment(db)
+    await db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE payments.payments SET provider = 'simulated' WHERE id = $1", payment.id
+        )
+    )
+
+    raw = webhook_body(str(payment.id), payment.reference, provider_reference="ch_1")
+    assert await handle(db, received(raw)) == "rejected"
+    [event] = await events(db)
+    assert "another payment's charge" in event["error"]
+
+
+async def test_an_orphan_that_fails_does_not_hold_up_the_others(db: Database) -> None:
+    first_id, second_id = uuid.uuid4(), uuid.uuid4()
+    bad_raw = webhook_body(str(first_id), "PAY-X", event_id="evt_bad")
+    good_raw = webhook_body(
+        str(second_id), f"PAY-{second_id.hex[:10].upper()}", event_id="evt_good"
+    )
+    assert await handle(db, received(bad_raw)) == "orphaned"
+    assert await handle(db, received(good_raw)) == "orphaned"
+    # The first orphan's body is damaged in storage: retrying it fails every time.
+    await db.transaction(
+        lambda conn: conn.execute(
+            "UPDATE webhooks.webhook_events SET raw_body = '\\x00'::bytea"
+            " WHERE provider_event_id = 'evt_bad'"
+        )
+    )
+    await add_payment(db, second_id)
+    await force_due(db)
+
+    assert await retry_orphans(db, batch_size=10) == 2
+
+    statuses = {e["provider_event_id"]: e for e in await events(db)}
+    assert statuses["evt_good"]["status"] == "applied"
+    bad = statuses["evt_bad"]
+    assert bad["status"] == "orphaned"
+    assert bad["error"].startswith("retry failed")
+    assert bad["next_attempt_at"] is not None
+
+
 async def test_orphan_whose_payment_never_appears_stops_being_retried(db: Database) -> None:
     payment_id = uuid.uuid4()
     raw = webhook_body(str(payment_id), "PAY-NEVER00001", event_id="evt_lost")
