@@ -168,7 +168,12 @@ class Reconciler:
                 async with gate:
                     await self._settle(summary, candidate)
 
-            await asyncio.gather(*(check(c) for c in batch))
+            # A TaskGroup, not gather: if one check fails unexpectedly, the others are
+            # cancelled before the run is recorded as failed and its lock released, so no
+            # orphaned check goes on settling payments after the run is over.
+            async with asyncio.TaskGroup() as group:
+                for candidate in batch:
+                    group.create_task(check(candidate))
 
     async def _next_batch(
         self, cutoff: dt.datetime, after: tuple[dt.datetime, uuid.UUID] | None
