@@ -13,7 +13,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from alembic import command
@@ -23,7 +22,7 @@ from libs.common.broker.connection import Broker
 from libs.common.broker.topology import Topology, delete
 from libs.common.db import Database
 from libs.common.settings import PaymentsSettings
-from tests.support import RABBITMQ_BASE_URL, admin_execute, database_dsn, rabbitmqctl
+from tests.support import admin_execute, database_dsn, fresh_vhost
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,15 +56,16 @@ async def database_url(template_database: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_url() -> Iterator[str]:
+def session_rabbitmq_url() -> Iterator[str]:
     """The URL of a vhost of this test session's own."""
-    vhost = f"test_{uuid.uuid4().hex[:12]}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield RABBITMQ_BASE_URL.rstrip("/") + "/" + quote(vhost, safe="")
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def rabbitmq_url(session_rabbitmq_url: str) -> str:
+    """In-process tests isolate by topology namespace inside the session's vhost."""
+    return session_rabbitmq_url
 
 
 @pytest.fixture

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
+from urllib.parse import quote
 
 import asyncpg
 
@@ -35,6 +38,18 @@ async def admin_execute(*statements: str) -> None:
 
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "--quiet", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of its own, removed afterwards; yields its URL."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield RABBITMQ_BASE_URL.rstrip("/") + "/" + quote(name, safe="")
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
 def free_port() -> int:
