@@ -27,7 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 from libs.common.broker.connection import Broker
-from libs.common.broker.publisher import PublishError
+from libs.common.broker.publisher import PublishError, republishable
 from libs.common.broker.topology import QueueSpec
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, MessageDecodeError, P, decode
@@ -186,19 +186,9 @@ class Consumer(Generic[P]):
                 "x-delivery-attempts": delivery_count(message) + 1,
             }
         )
-        parked = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            type=message.type,
-            timestamp=message.timestamp,
-        )
         try:
             await self.broker.publisher.publish_message(
-                parked,
+                republishable(message, headers),
                 exchange=self.broker.topology.dead_letter_exchange,
                 routing_key=self.queue.name,
             )

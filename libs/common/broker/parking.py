@@ -17,10 +17,10 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from libs.common.broker.connection import Broker
+from libs.common.broker.publisher import republishable
 from libs.common.broker.topology import QueueSpec
 
 MAX_LISTED = 1000
@@ -168,16 +168,7 @@ class ParkingLot:
         }
         headers["x-replayed"] = int(headers.get("x-replayed") or 0) + 1
         await self.broker.publisher.publish_message(
-            aio_pika.Message(
-                body=message.body,
-                headers=headers,
-                content_type=message.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                type=message.type,
-                timestamp=message.timestamp,
-            ),
+            republishable(message, headers),
             exchange=self.broker.topology.exchange,
             routing_key=parked.routing_key,
         )

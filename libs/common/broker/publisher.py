@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from libs.common.messages import Envelope, encode
 from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_FAILURES
@@ -54,6 +54,20 @@ def to_amqp(envelope: Envelope[Any], headers: dict[str, Any] | None = None) -> a
         type=envelope.type,
         timestamp=envelope.occurred_at.astimezone(dt.UTC),
         headers={"x-version": envelope.version, **(headers or {})},
+    )
+
+
+def republishable(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """`message` again, persistent, with `headers` instead of its own (parking, replay)."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
     )
 
 
