@@ -8,3 +8,7 @@ CHARGE_REQUESTS = Counter(
     " rejected).",
     ["outcome"],
 )
+
+# Every known outcome starts at 0, so rate() sees the first one too.
+for _outcome in ("processing", "succeeded", "declined", "unavailable", "rejected"):
+    CHARGE_REQUESTS.labels(outcome=_outcome)

@@ -27,3 +27,10 @@ OLDEST_UNSETTLED_AGE = Gauge(
     "Age of the oldest payment still pending or processing, by status.",
     ["status"],
 )
+
+# Every known label value starts at 0, so rate() and the alerts see the first run too.
+for _trigger in ("cron", "manual"):
+    for _outcome in ("completed", "partial", "failed", "skipped"):
+        RUNS.labels(trigger=_trigger, outcome=_outcome)
+for _status in ("processing", "completed", "failed"):
+    PAYMENTS_SETTLED.labels(to_status=_status)

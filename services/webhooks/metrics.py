@@ -8,3 +8,15 @@ WEBHOOK_EVENTS = Counter(
     " duplicate, redelivered, and <outcome>_on_retry for orphans tried again.",
     ["outcome"],
 )
+
+# Every known outcome starts at 0, so rate() sees the first one too.
+for _outcome in (
+    "applied",
+    "refused",
+    "rejected",
+    "ignored",
+    "orphaned",
+    "duplicate",
+    "redelivered",
+):
+    WEBHOOK_EVENTS.labels(outcome=_outcome)
