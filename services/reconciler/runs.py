@@ -270,6 +270,9 @@ class Reconciler:
                        updated = EXCLUDED.updated, unchanged = EXCLUDED.unchanged,
                        errors = EXCLUDED.errors, error_details = EXCLUDED.error_details,
                        duration_ms = EXCLUDED.duration_ms, finished_at = EXCLUDED.finished_at
+                 -- A redelivered request skipped while its run goes on elsewhere must not
+                 -- overwrite that run's row; only the run itself updates it.
+                 WHERE EXCLUDED.status <> 'skipped'
                 """,
                 summary.run_id,
                 summary.trigger,
