@@ -6,8 +6,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -18,7 +17,6 @@ import pytest
 from libs.common.broker.publisher import to_amqp
 from libs.common.broker.topology import Topology
 from libs.common.messages import PaymentRequested, wrap
-from tests.e2e.processes import running_services
 from tests.e2e.stack import Stack
 from tests.support import eventually, rabbitmqctl
 from tests.tcp_proxy import TcpProxy
@@ -32,21 +30,6 @@ SEED_REQUEST = {
 }
 # Charges stay `processing` for the whole test: no webhook interferes.
 SLOW_SETTLEMENT = {"PROVIDER_WEBHOOK_DELAY_MS": "600000", "PROVIDER_DECLINE_RATE": "0"}
-
-
-@pytest.fixture
-def stack(database_url: str, rabbitmq_url: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_services(tmp_path) as services:
-        yield Stack(database_url, rabbitmq_url, tmp_path, services)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def charges_for(db: asyncpg.Connection[Any], payment_id: str) -> int:

@@ -12,16 +12,13 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import asyncpg
 import pytest
 
-from libs.common.broker.topology import Topology, declare
-from tests.e2e.processes import ROOT, ServiceProcess, running_services
+from tests.e2e.processes import ROOT, ServiceProcess
 from tests.e2e.stack import Stack
 from tests.support import eventually
 from tests.tcp_proxy import TcpProxy
@@ -40,37 +37,6 @@ ON_DEMAND = {"RECONCILE_CRON": "0 0 1 1 *", "RECONCILE_MIN_AGE_SECONDS": "0"}
 # The tests send 200 payments as fast as they can; the gateway must not rate-limit them.
 UNLIMITED = {"RATE_LIMIT": "100000/second"}
 PROVIDER_SAYS = {"succeeded": "completed", "declined": "failed"}
-
-
-@pytest.fixture
-async def stack(database_url: str, rabbitmq_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    await purge_queues(rabbitmq_url)
-    with running_services(tmp_path) as services:
-        yield Stack(database_url, rabbitmq_url, tmp_path, services)
-
-
-async def purge_queues(rabbitmq_url: str) -> None:
-    """Services share the session's vhost and queues: drop what an earlier test left behind.
-
-    (A test that failed halfway leaves payment and run requests that this test's services
-    would otherwise take, into this test's database.)
-    """
-    connection = await aio_pika.connect(rabbitmq_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology()
-        await declare(channel, topology)
-        for spec in topology.queues:
-            await (await channel.get_queue(spec.name)).purge()
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.e2e.processes import running_services
 from tests.e2e.seed import (
     PAY,
     SEND_WITH_D,
@@ -23,12 +21,6 @@ from tests.e2e.stack import Stack
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stack(database_url: str, rabbitmq_url: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_services(tmp_path) as services:
-        yield Stack(database_url, rabbitmq_url, tmp_path, services)
 
 
 async def test_the_seed_walkthrough_works_verbatim(stack: Stack, tmp_path: Path) -> None:

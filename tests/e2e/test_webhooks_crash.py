@@ -15,8 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -29,7 +28,6 @@ from libs.common.broker.publisher import to_amqp
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import WebhookReceived, wrap
 from libs.common.signing import seed_signature
-from tests.e2e.processes import running_services
 from tests.e2e.stack import Stack
 from tests.support import eventually
 
@@ -44,30 +42,12 @@ TOPOLOGY = Topology()  # what the services use
 
 
 @pytest.fixture
-def stack(database_url: str, rabbitmq_url: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_services(tmp_path) as services:
-        yield Stack(database_url, rabbitmq_url, tmp_path, services)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
 async def channel(rabbitmq_url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
-    """A publisher-confirm channel on the session's vhost, with the services' topology."""
+    """A publisher-confirm channel on the test's vhost, with the services' topology."""
     connection = await aio_pika.connect(rabbitmq_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await declare(channel, TOPOLOGY)
-        # The vhost lives for the whole session: start from an empty webhook queue.
-        for name in (TOPOLOGY.webhook_received.name, TOPOLOGY.webhook_received.parking):
-            await (await channel.get_queue(name)).purge()
         yield channel
 
 
