@@ -105,9 +105,14 @@ class Database:
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` inside one transaction; retried whole on connection loss."""
+        return await self._retrying(work, in_transaction=True)
+
+    async def _retrying(
+        self, work: Callable[[Connection], Awaitable[T]], *, in_transaction: bool
+    ) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self._attempt(work)
+                return await self._attempt(work, in_transaction=in_transaction)
             except _Retryable as retryable:
                 if attempt == self.attempts:
                     raise retryable.error from None
@@ -123,7 +128,9 @@ class Database:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _attempt(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _attempt(
+        self, work: Callable[[Connection], Awaitable[T]], *, in_transaction: bool
+    ) -> T:
         try:
             conn = await self.pool.acquire(timeout=self.acquire_timeout)
         except Exception as exc:
@@ -131,6 +138,8 @@ class Database:
                 raise _Retryable(exc) from exc
             raise
         try:
+            if not in_transaction:
+                return await work(conn)
             async with conn.transaction():
                 return await work(conn)
         except Exception as exc:
@@ -141,11 +150,11 @@ class Database:
             await self.pool.release(conn)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        """A read outside any explicit transaction, retried like one."""
-        return await self.transaction(lambda conn: conn.fetch(query, *args))
+        """One statement on its own (no BEGIN/COMMIT round trips), retried like a transaction."""
+        return await self._retrying(lambda conn: conn.fetch(query, *args), in_transaction=False)
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        return await self.transaction(lambda conn: conn.fetchrow(query, *args))
+        return await self._retrying(lambda conn: conn.fetchrow(query, *args), in_transaction=False)
 
     async def ping(self, within_seconds: float = 2.0) -> None:
         """Raise unless the database answers a trivial query within `timeout` (for /ready)."""
