@@ -35,7 +35,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs services
+	$(BIN)/mypy libs services tools
 
 bench: install
 	@echo "make bench arrives with the benchmarks (issue 8)." >&2

@@ -237,6 +237,21 @@ class ProviderSettings(DatabaseSettings, WebhookSigningSettings):
     provider_seed: int | None = None
 
 
+class CtlSettings(BrokerSettings, WebhookSigningSettings):
+    """The operator's command line (`paymentsctl`): where the API is, how to sign, the broker.
+
+    Not a service: nothing here starts, so production's refusals do not apply; a wrong
+    secret or key is refused by the gateway itself.
+    """
+
+    service_name: ClassVar[str] = "paymentsctl"
+    payments_url: str = "http://localhost:3000"
+    payments_api_key: SecretStr | None = None
+
+    def production_problems(self) -> list[str]:
+        return []
+
+
 S = TypeVar("S", bound=BaseServiceSettings)
 
 

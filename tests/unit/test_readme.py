@@ -27,6 +27,7 @@ def read_variables() -> set[str]:
         settings.WebhooksSettings,
         settings.ReconcilerSettings,
         settings.ProviderSettings,
+        settings.CtlSettings,
     ]
     return {name.upper() for cls in classes for name in cls.model_fields}
 

@@ -1,0 +1,1 @@
+"""Operator tools that ship with the platform."""
