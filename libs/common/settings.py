@@ -118,6 +118,14 @@ class BrokerSettings(BaseServiceSettings):
     publish_timeout_seconds: float = Field(default=1.5, gt=0)
     consumer_prefetch: int = Field(default=32, ge=1)
 
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        return value
+
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
         parts = urlsplit(self.rabbitmq_url.get_secret_value())

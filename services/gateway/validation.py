@@ -173,6 +173,12 @@ class PaymentOrder(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _sentence(field: str, message: str) -> str:
+    # "amount: amount must be ..." reads badly; say the field once.
+    text = message if message.startswith(field) else f"{field}: {message}"
+    return text[0].upper() + text[1:] + "."
+
+
 _GENERIC_CODES = {"extra_forbidden": "unknown_field", "missing": "missing_field"}
 
 
@@ -198,5 +204,5 @@ def parse_payment_order(body: dict[str, Any]) -> PaymentOrder:
             details.append({"field": field, "code": code, "message": message})
         first = details[0]
         raise ApiError(
-            422, first["code"], f"{first['field']}: {first['message']}.", details=details
+            422, first["code"], _sentence(first["field"], first["message"]), details=details
         ) from None

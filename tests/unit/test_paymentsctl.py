@@ -232,7 +232,7 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         (["dlq", "purge", "payment-requested", "--all"], "add --yes"),
         (["payments", "get", "stats"], "is not an id"),
         (["--url", "ftp://example.com", "stats"], "must be http(s)"),
-        (["--rabbitmq-url", "localhost", "dlq", "list"], "must be amqp://"),
+        (["--rabbitmq-url", "localhost", "dlq", "list"], "must look like amqp://"),
         (["webhook", "sign", "/no/such/file.json"], "cannot read /no/such/file.json"),
         (["--secret", ",", "webhook", "sign", "-"], "WEBHOOK_SECRET must hold at least one secret"),
     ],

@@ -7,7 +7,6 @@ platform's default topology, exactly as the services see it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -34,21 +33,12 @@ def _redacted(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def parking_lot(settings: CtlSettings) -> AsyncIterator[ParkingLot]:
-    url = settings.rabbitmq_url.get_secret_value()
-    parts = urlsplit(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise Usage(
-            f"the RabbitMQ URL must be amqp://user:password@host:port/vhost, not {_redacted(url)!r}"
-        )
-    # A robust connection retries some failures forever; an operator's command must not.
-    within = settings.rabbitmq_connect_timeout_seconds * 2
+    url = settings.rabbitmq_url.get_secret_value()  # checked by the settings
     try:
-        async with asyncio.timeout(within):
-            broker = await Broker.connect(settings, name="paymentsctl")
+        # Look, do not declare: the wrong vhost must not end up with the platform's queues.
+        broker = await Broker.connect(settings, name="paymentsctl", declare_topology=False)
     except TimeoutError:
-        raise Unreachable(
-            f"cannot connect to RabbitMQ at {_redacted(url)} within {within:g} s"
-        ) from None
+        raise Unreachable(f"cannot connect to RabbitMQ at {_redacted(url)} in time") from None
     except (aio_pika.exceptions.AMQPError, OSError, ValueError) as exc:
         raise Unreachable(
             f"cannot connect to RabbitMQ at {_redacted(url)} ({type(exc).__name__}: {exc})"

@@ -37,18 +37,33 @@ class Broker:
 
     @classmethod
     async def connect(
-        cls, settings: BrokerSettings, *, name: str, topology: Topology | None = None
+        cls,
+        settings: BrokerSettings,
+        *,
+        name: str,
+        topology: Topology | None = None,
+        declare_topology: bool = True,
     ) -> Broker:
+        """Connect, open the publishing channel and (by default) declare the topology.
+
+        Services declare the topology so that nothing they publish is unroutable; a tool
+        that only inspects passes `declare_topology=False` so that pointing it at the
+        wrong vhost creates nothing there.
+        """
         topology = topology or Topology()
-        connection = await aio_pika.connect_robust(
-            settings.rabbitmq_url.get_secret_value(),
-            heartbeat=settings.rabbitmq_heartbeat_seconds,
-            timeout=settings.rabbitmq_connect_timeout_seconds,
-            client_properties={"connection_name": name},
-        )
+        # The first connection must fail in bounded time (a robust connection would
+        # otherwise keep retrying some failures, such as an unresolvable host, forever).
+        async with asyncio.timeout(settings.rabbitmq_connect_timeout_seconds * 2):
+            connection = await aio_pika.connect_robust(
+                settings.rabbitmq_url.get_secret_value(),
+                heartbeat=settings.rabbitmq_heartbeat_seconds,
+                timeout=settings.rabbitmq_connect_timeout_seconds,
+                client_properties={"connection_name": name},
+            )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await declare(channel, topology)
+            if declare_topology:
+                await declare(channel, topology)
         except BaseException:
             await connection.close()
             raise
