@@ -1,0 +1,344 @@
+"""What every scenario runs on: its own databases and vhosts, and real processes.
+
+One migrated template database per run (`alembic upgrade head`); each stack gets a copy
+(`CREATE DATABASE ... TEMPLATE`) and a RabbitMQ vhost of its own, so no scenario sees
+what another left behind. `Harness.close()` stops every process it started and drops
+every database and vhost it made, in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aio_pika
+import asyncpg
+
+from bench import profiling
+from libs.common.broker.topology import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+RABBITMQ_BASE_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 15.0
+# A cron that never fires during a run: reconciliation happens only when a scenario asks.
+NEVER = "0 0 1 1 *"
+# Variables a developer's shell may hold that would change what is measured.
+_DROPPED_VARIABLES = ("API_KEYS", "API_SECRET", "DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def database_dsn(name: str) -> str:
+    return PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+
+
+def rabbitmqctl(*args: str, attempts: int = 3) -> str:
+    """Run rabbitmqctl; retried, since it fails now and then while others use it too."""
+    for attempt in range(1, attempts + 1):
+        result = subprocess.run(  # noqa: S603 - a fixed local tool with our own arguments
+            ["rabbitmqctl", "--quiet", *args],  # noqa: S607 - found on PATH like the tests do
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode == 0:
+            return result.stdout
+        if attempt < attempts:
+            time.sleep(1.0 * attempt)
+    raise RuntimeError(
+        f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[:500]}"
+    )
+
+
+@dataclass
+class Process:
+    """A process the harness started: a service or one of bench's own baselines."""
+
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    async def wait_ready(self, within: float = READY_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited while starting:\n{self.tail()}")
+            if await asyncio.to_thread(_answers_ready, f"{self.url}/ready"):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready within {within} s:\n{self.tail()}")
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        self.terminate()
+        try:
+            await asyncio.to_thread(self.popen.wait, STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            say(f"{self.name} did not stop in time; killing it")
+            self.popen.kill()
+            await asyncio.to_thread(self.popen.wait, 10)
+
+
+def _answers_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own 127.0.0.1 URL
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+            [sys.executable, *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # Ctrl-C reaches the bench only; it stops what it started, in order.
+            start_new_session=True,
+        )
+
+
+@dataclass
+class Stack:
+    """One database and one vhost, and the processes started against them."""
+
+    harness: Harness
+    database_url: str
+    rabbitmq_url: str
+    vhost: str
+    processes: list[Process] = field(default_factory=list)
+    gateway_port: int = field(default_factory=free_port)
+    provider_port: int = field(default_factory=free_port)
+    provider_url: str = ""
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARIABLES}
+        return {
+            **base,
+            "APP_ENV": "development",
+            "HOST": "127.0.0.1",
+            "LOG_LEVEL": self.harness.log_level,
+            "DATABASE_URL": self.database_url,
+            "RABBITMQ_URL": self.rabbitmq_url,
+            "SHUTDOWN_TIMEOUT_SECONDS": "5",
+            "PROVIDER_URL": self.provider_url or f"http://127.0.0.1:{self.provider_port}",
+            "PROVIDER_WEBHOOK_URL": f"http://127.0.0.1:{self.gateway_port}/api/webhooks",
+            # The gateway's per-client limit (100/s by default) would cap every load at 100/s.
+            "RATE_LIMIT": "1000000/second",
+            "PROVIDER_DECLINE_RATE": "0",
+            "PROVIDER_SEED": "1",
+            "RECONCILE_CRON": NEVER,
+            **overrides,
+        }
+
+    async def start_service(
+        self,
+        name: str,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        **overrides: str,
+    ) -> Process:
+        """`python -m services.<name>` with `env` and `overrides` set, ready-checked."""
+        if port is None:
+            port = {"gateway": self.gateway_port, "provider": self.provider_port}.get(name)
+        port = port or free_port()
+        return await self._start(
+            name,
+            ["-m", f"services.{name}"],
+            port,
+            self.env(PORT=str(port), **(env or {}), **overrides),
+        )
+
+    async def start_baseline(self, mode: str, *args: str, port: int | None = None) -> Process:
+        """`python -m bench.minimal <mode>`: one of the baselines, ready-checked."""
+        port = port or free_port()
+        argv = ["-m", "bench.minimal", mode, "--port", str(port), *args]
+        return await self._start(f"minimal-{mode}", argv, port, self.env())
+
+    async def _start(self, name: str, argv: list[str], port: int, env: dict[str, str]) -> Process:
+        log_path = self.harness.log_dir / f"{self.vhost}-{name}-{port}.log"
+        popen = _spawn(argv, env, log_path)
+        process = Process(name, port, popen, log_path)
+        self.processes.append(process)
+        self.harness.processes.append(process)
+        await process.wait_ready()
+        return process
+
+    async def stop(self, *processes: Process) -> None:
+        targets = list(processes) or list(reversed(self.processes))
+        for process in targets:
+            process.terminate()
+        await asyncio.gather(*(process.stop() for process in targets))
+        for process in targets:
+            if process in self.processes:
+                self.processes.remove(process)
+
+    async def connect(self) -> asyncpg.Connection[Any]:
+        return await asyncpg.connect(self.database_url)
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Ready messages in every queue of the platform's topology in this vhost.
+
+        Asked over AMQP (a passive declare), which is exact at once; rabbitmqctl's counts
+        for quorum queues lag by the statistics interval. Unacknowledged messages are
+        work in progress, which the scenarios see in the database instead.
+        """
+        connection = await self.broker()
+        depths: dict[str, int] = {}
+        try:
+            channel = await connection.channel()
+            for spec in Topology().queues:
+                for name in (spec.name, spec.parking):
+                    queue = await channel.declare_queue(name, passive=True)
+                    depths[name] = queue.declaration_result.message_count or 0
+        finally:
+            await connection.close()
+        return depths
+
+    async def broker(self) -> aio_pika.abc.AbstractRobustConnection:
+        return await aio_pika.connect_robust(self.rabbitmq_url)
+
+
+class Harness:
+    """Databases, vhosts and processes for one bench run; `close()` removes them all."""
+
+    def __init__(self, *, log_dir: Path, log_level: str = "INFO", profile_dir: Path | None) -> None:
+        self.run_id = uuid.uuid4().hex[:10]
+        self.log_dir = log_dir
+        self.log_level = log_level
+        self.profile_dir = profile_dir
+        self.template: str | None = None
+        self.databases: list[str] = []
+        self.vhosts: list[str] = []
+        self.processes: list[Process] = []
+        self.profilers: list[profiling.Profiler] = []
+        self._stacks = 0
+
+    async def _admin(self, *statements: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def prepare(self) -> None:
+        """Create and migrate the template database every stack copies."""
+        name = f"bench_{self.run_id}_tpl"
+        await self._admin(f'CREATE DATABASE "{name}"')
+        self.databases.append(name)
+        env = {**os.environ, "DATABASE_URL": database_dsn(name)}
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.template = name
+
+    async def stack(self, label: str) -> Stack:
+        """A fresh database (a copy of the template) and a fresh vhost."""
+        if self.template is None:
+            raise RuntimeError("prepare() first")
+        self._stacks += 1
+        name = f"bench_{self.run_id}_{self._stacks}_{label}"[:60]
+        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        self.databases.append(name)
+        await asyncio.to_thread(rabbitmqctl, "add_vhost", name)
+        self.vhosts.append(name)
+        await asyncio.to_thread(
+            rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"
+        )
+        url = RABBITMQ_BASE_URL.rstrip("/") + "/" + quote(name, safe="")
+        return Stack(self, database_dsn(name), url, name)
+
+    async def release(self, stack: Stack) -> None:
+        """Stop a stack's processes and drop its database and vhost (between scenarios)."""
+        await stack.stop()
+        db_name = stack.database_url.rsplit("/", 1)[1]
+        await self._drop_database(db_name)
+        await self._delete_vhost(stack.vhost)
+
+    async def _drop_database(self, name: str) -> None:
+        if name in self.databases:
+            await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            self.databases.remove(name)
+
+    async def _delete_vhost(self, name: str) -> None:
+        if name in self.vhosts:
+            await asyncio.to_thread(rabbitmqctl, "delete_vhost", name)
+            self.vhosts.remove(name)
+
+    def profile(self, process: Process, label: str) -> profiling.Profiler | None:
+        """Attach py-spy to `process` while the caller measures (only with --profile)."""
+        if self.profile_dir is None:
+            return None
+        profiler = profiling.Profiler.start(process.pid, self.profile_dir / f"{label}.txt")
+        self.profilers.append(profiler)
+        return profiler
+
+    async def close(self) -> None:
+        for profiler in self.profilers:
+            profiler.stop()
+        for process in self.processes:
+            process.terminate()
+        await asyncio.gather(*(process.stop() for process in self.processes))
+        # Retried: PostgreSQL may be restarting (other people's fault tests do that).
+        for attempt in range(3):
+            for name in list(self.databases):
+                with contextlib.suppress(OSError, asyncpg.PostgresError):
+                    await self._drop_database(name)
+            for name in list(self.vhosts):
+                with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+                    await self._delete_vhost(name)
+            if not self.databases and not self.vhosts:
+                return
+            await asyncio.sleep(2.0 * (attempt + 1))
+        say(f"could not remove databases {self.databases} and vhosts {self.vhosts}")

@@ -1,0 +1,154 @@
+"""Scenario 1, intake: `POST /api/payments/pay` against the minimal publish-with-confirm handler.
+
+Closed loop at 32 connections: requests/s, p50 and p99, the gateway measured between
+two runs of the baseline (the ratio is to their mean, so drift in the machine's load
+shows up in the details rather than in the ratio). Then an open loop at half the
+gateway's max rate, against the gateway and against the baseline at the same rate.
+Without `Idempotency-Key` (the seed's request); with one, each request its own key.
+The queue has no consumer and is purged between loads, so each load starts alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import uuid
+
+from bench.common import JSON, PAY_BODY, Context, pay_request, purge_queues
+from bench.load import (
+    LoadResult,
+    Requests,
+    build_request,
+    closed_loop,
+    ms,
+    open_loop,
+    percentile,
+    same_request,
+)
+from bench.report import Figure, ScenarioResult
+
+CONCURRENCY = 32
+
+
+def _p(result: LoadResult, q: float) -> float | None:
+    return ms(percentile(result.latencies(202), q))
+
+
+def _mean(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+async def run(ctx: Context) -> ScenarioResult:
+    result = ScenarioResult(
+        "intake", "POST /api/payments/pay vs a minimal aiohttp handler publishing with confirms"
+    )
+    warmup, duration = ctx.size((2.0, 10.0), (0.5, 2.0))
+    stack = await ctx.harness.stack("intake")
+    try:
+        gateway = await stack.start_service("gateway")
+        minimal = await stack.start_baseline("publish", "--routing-key", "payment.requested")
+        subject_request = same_request(pay_request(gateway.port))
+        baseline_request = same_request(pay_request(minimal.port))
+
+        async def closed(port: int, requests: Requests, label: str) -> LoadResult:
+            await purge_queues(stack)
+            await closed_loop(port, requests, concurrency=CONCURRENCY, duration=warmup)
+            profiler = ctx.harness.profile(gateway, label) if port == gateway.port else None
+            load = await closed_loop(port, requests, concurrency=CONCURRENCY, duration=duration)
+            if profiler is not None:
+                result.details.setdefault("profiles", {})[label] = profiler.stop()
+            result.details[label] = load.summary(202)
+            return load
+
+        before = await closed(minimal.port, baseline_request, "baseline_before")
+        subject = await closed(gateway.port, subject_request, "gateway")
+        after = await closed(minimal.port, baseline_request, "baseline_after")
+        base_rps = _mean(before.rate(202), after.rate(202))
+        gateway_rps = subject.rate(202)
+        result.add(
+            Figure(
+                f"/pay req/s ({CONCURRENCY} conns)",
+                round(gateway_rps, 1),
+                "req/s",
+                "minimal handler",
+                round(base_rps or 0, 1),
+                target=">= 0.8",
+            )
+        )
+        for label, q in (("p50", 0.5), ("p99", 0.99)):
+            result.add(
+                Figure(
+                    f"/pay {label} ({CONCURRENCY} conns)",
+                    _p(subject, q),
+                    "ms",
+                    "minimal handler",
+                    _mean(_p(before, q), _p(after, q)),
+                    better="lower",
+                )
+            )
+
+        if not ctx.quick:
+            # A client that follows the README sends an Idempotency-Key: two more queries.
+            prefix = uuid.uuid4().hex[:8]
+            keyed_requests = (
+                build_request(
+                    "POST",
+                    "/api/payments/pay",
+                    port=gateway.port,
+                    body=PAY_BODY,
+                    headers={**JSON, "Idempotency-Key": f"bench-{prefix}-{i}"},
+                )
+                for i in itertools.count()
+            )
+            keyed = await closed(gateway.port, lambda _: next(keyed_requests), "gateway_keyed")
+            result.add(
+                Figure(
+                    "/pay req/s with Idempotency-Key",
+                    round(keyed.rate(202), 1),
+                    "req/s",
+                    "minimal handler",
+                    round(base_rps or 0, 1),
+                )
+            )
+
+        # Open loop at half the gateway's max: the latency a client sees at a sane load.
+        rate = max(1.0, gateway_rps / 2)
+        await purge_queues(stack)
+        open_base = await open_loop(minimal.port, baseline_request, rate=rate, duration=duration)
+        await purge_queues(stack)
+        open_subject = await open_loop(gateway.port, subject_request, rate=rate, duration=duration)
+        result.details["open_loop_rate_per_s"] = round(rate, 1)
+        result.details["open_baseline"] = open_base.summary(202)
+        result.details["open_gateway"] = open_subject.summary(202)
+        result.add(
+            Figure(
+                f"/pay p99 at half max ({rate:.0f}/s open loop)",
+                _p(open_subject, 0.99),
+                "ms",
+                "minimal handler, same rate",
+                _p(open_base, 0.99),
+                better="lower",
+                target="< 25",
+                target_on="value",
+            )
+        )
+        result.add(
+            Figure(
+                f"/pay p50 at half max ({rate:.0f}/s open loop)",
+                _p(open_subject, 0.5),
+                "ms",
+                "minimal handler, same rate",
+                _p(open_base, 0.5),
+                better="lower",
+            )
+        )
+        errors = sum(
+            load.count - len(load.ok(202)) for load in (before, subject, after, open_subject)
+        )
+        result.details["non_202_answers"] = errors
+        ctx.shared["intake_max_rps"] = gateway_rps
+        ctx.shared["publish_max_rps"] = base_rps
+    finally:
+        await ctx.harness.release(stack)
+    return result
