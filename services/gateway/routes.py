@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from importlib.resources import files
 from pathlib import Path
 
 from aiohttp import web
@@ -38,6 +39,10 @@ RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 # Who is calling: an API key's id, or "anonymous" without API keys.
 CLIENT = web.RequestKey("client", str)
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+DOCS_PAGE = Path(__file__).with_name("docs.html")
+DOCS_SCRIPT = Path(__file__).with_name("docs.js")
+# Swagger UI's files as the swagger-ui-py package ships them (found, not imported).
+SWAGGER_UI_STATIC = Path(str(files("swagger_ui").joinpath("static")))
 
 
 def _address(request: web.Request) -> str:
@@ -132,6 +137,14 @@ async def openapi(_: web.Request) -> web.FileResponse:
     return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
 
 
+async def docs(_: web.Request) -> web.FileResponse:
+    return web.FileResponse(DOCS_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def docs_script(_: web.Request) -> web.FileResponse:
+    return web.FileResponse(DOCS_SCRIPT, headers={"Content-Type": "text/javascript"})
+
+
 def add_routes(app: web.Application) -> None:
     settings = app[GATEWAY_SETTINGS]
     app[API_KEYS] = ApiKeys([k.get_secret_value() for k in settings.all_api_keys()])
@@ -148,3 +161,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/reconciliations", reconciliation_runs)
     app.router.add_get("/api/reconciliations/{run_id}", reconciliation_run)
     app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_get("/api/docs", docs)
+    app.router.add_get("/api/docs/initializer.js", docs_script)
+    app.router.add_static("/api/docs/static", SWAGGER_UI_STATIC)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 import pytest
+from aiohttp import web
 
 from libs.common.broker.connection import Broker
 from libs.common.broker.topology import Topology
@@ -187,7 +189,10 @@ async def test_every_route_is_documented_and_every_documented_route_exists(
     served = {
         (route.method.lower(), route.resource.canonical)
         for route in gateway.app.router.routes()
-        if route.method != "HEAD" and route.resource is not None
+        if route.method != "HEAD"
+        and route.resource is not None
+        # Swagger UI's own files, served for /api/docs.
+        and not isinstance(route.resource, web.StaticResource)
     }
     documented = {(method, path) for path, item in DOCUMENT["paths"].items() for method in item}
     assert served == documented
@@ -197,3 +202,17 @@ async def test_openapi_document_is_served(gateway: Gateway) -> None:
     answer = await gateway.call("GET", "/api/openapi.json")
     assert answer.status == 200
     assert answer.body == DOCUMENT
+
+
+async def test_docs_are_browsable_without_any_other_host(gateway: Gateway) -> None:
+    page = await gateway.call("GET", "/api/docs")
+    assert page.status == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.body)
+    assert assets
+    for asset in assets:
+        assert asset.startswith("/api/docs/"), f"{asset} is not served by the gateway"
+        async with gateway.client.get(asset) as response:
+            assert response.status == 200, asset
+            assert len(await response.read()) > 100
+    script = await gateway.call("GET", "/api/docs/initializer.js")
+    assert '"/api/openapi.json"' in script.body
