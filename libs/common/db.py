@@ -147,7 +147,19 @@ class Database:
                 raise _Retryable(exc) from exc
             raise
         finally:
+            await self._release(conn)
+
+    async def _release(self, conn: PoolConnectionProxy[asyncpg.Record]) -> None:
+        """Give `conn` back to the pool, without masking what the work did or raised.
+
+        A connection lost mid-operation cannot be reset: asyncpg then terminates it (a new
+        one takes its place) and raises from `release`. Raised from the `finally` above,
+        that error would replace the transient one and turn a retry into a failure.
+        """
+        try:
             await self.pool.release(conn)
+        except Exception as exc:  # noqa: BLE001 - asyncpg terminated it; the pool replaces it
+            log.warning("database connection discarded", extra={"error": repr(exc)})
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """One statement on its own (no BEGIN/COMMIT round trips), retried like a transaction."""
