@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -293,5 +294,7 @@ def run(app: web.Application, settings: BaseServiceSettings) -> None:
         shutdown_timeout=settings.shutdown_timeout_seconds,
         access_log=None,
         print=None,
+        # libuv's event loop: the same asyncio semantics, less CPU per request and message.
+        loop=uvloop.new_event_loop(),
     )
     log.info("stopped")
