@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
+
 from bench import end_to_end, intake, persistence, reads, reconciler, replicas, webhooks
 from bench.common import Context
 from bench.harness import ROOT, Harness, say
@@ -53,6 +55,36 @@ def _commit() -> str:
         return "unknown"
 
 
+# A scenario that lost its database or broker connection (someone restarted PostgreSQL
+# under it: this machine is shared) runs once more; its figures say so.
+_CONNECTION_LOST = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+)
+
+
+async def _attempt(name: str, ctx: Context) -> ScenarioResult:
+    for attempt in (1, 2):
+        try:
+            result = await SCENARIOS[name](ctx)
+        except _CONNECTION_LOST as exc:
+            traceback.print_exc()
+            if attempt == 1:
+                say(f"scenario {name} lost a connection ({exc!r}); running it again")
+                await asyncio.sleep(5)
+                continue
+            return ScenarioResult(name, name, error=repr(exc))
+        except Exception as exc:  # noqa: BLE001 - one failed scenario must not stop the rest
+            traceback.print_exc()
+            return ScenarioResult(name, name, error=repr(exc))
+        result.details["attempts"] = attempt
+        return result
+    raise AssertionError("unreachable")
+
+
 async def run(harness: Harness, args: argparse.Namespace, names: list[str]) -> list[ScenarioResult]:
     ctx = Context(harness, quick=args.quick)
     results: list[ScenarioResult] = []
@@ -62,11 +94,7 @@ async def run(harness: Harness, args: argparse.Namespace, names: list[str]) -> l
         for name in names:
             say(f"scenario {name}")
             started = time.perf_counter()
-            try:
-                result = await SCENARIOS[name](ctx)
-            except Exception as exc:  # noqa: BLE001 - one failed scenario must not stop the rest
-                traceback.print_exc()
-                result = ScenarioResult(name, name, error=repr(exc))
+            result = await _attempt(name, ctx)
             result.duration_s = round(time.perf_counter() - started, 1)
             results.append(result)
             say(f"scenario {name} took {result.duration_s} s")

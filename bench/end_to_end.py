@@ -37,6 +37,7 @@ async def _measure_intake_limit(stack: Stack, port: int, quick: bool) -> float:
 
 
 async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[str, Any]:
+    cpu_before = stack.cpu()
     load = await open_loop(
         port, same_request(pay_request(port)), rate=rate, duration=duration, keep_bodies=True
     )
@@ -65,6 +66,7 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
         )
     finally:
         await conn.close()
+    cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), len(ids))
     done = {r["id"]: float(r["at"]) for r in rows if r["status"] == "completed"}
     latencies = [done[i] - accepted[i] - DELAY_MS / 1000 for i in done]
     span = (max(done.values()) - min(accepted.values())) if done else 0.0
@@ -90,6 +92,8 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
         "pay_p99_ms": ms(percentile(load.latencies(202), 0.99)),
         "drained": drained,
         "sustained": sustained,
+        # Includes whatever the drain took; per accepted payment.
+        "cpu_ms_per_payment": cpu,
     }
 
 

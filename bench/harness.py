@@ -106,6 +106,15 @@ class Process:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready within {within} s:\n{self.tail()}")
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far (0 once it is gone)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -207,6 +216,22 @@ class Stack:
         self.harness.processes.append(process)
         await process.wait_ready()
         return process
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each running process of the stack, by name."""
+        used: dict[str, float] = {}
+        for process in self.processes:
+            key = process.name if process.name not in used else f"{process.name}-{process.pid}"
+            used[key] = process.cpu_seconds()
+        return used
+
+    @staticmethod
+    def cpu_ms_per(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+        """CPU milliseconds each process spent per unit of work between two readings."""
+        return {
+            name: round((after[name] - before.get(name, 0.0)) * 1000 / max(n, 1), 3)
+            for name in after
+        }
 
     async def stop(self, *processes: Process) -> None:
         targets = list(processes) or list(reversed(self.processes))

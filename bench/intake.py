@@ -23,6 +23,7 @@ from bench.load import (
     ms,
     open_loop,
     percentile,
+    require,
     same_request,
 )
 from bench.report import Figure, ScenarioResult
@@ -55,10 +56,18 @@ async def run(ctx: Context) -> ScenarioResult:
             await purge_queues(stack)
             await closed_loop(port, requests, concurrency=CONCURRENCY, duration=warmup)
             profiler = ctx.harness.profile(gateway, label) if port == gateway.port else None
-            load = await closed_loop(port, requests, concurrency=CONCURRENCY, duration=duration)
+            cpu_before = stack.cpu()
+            load = require(
+                await closed_loop(port, requests, concurrency=CONCURRENCY, duration=duration),
+                202,
+                label,
+            )
             if profiler is not None:
                 result.details.setdefault("profiles", {})[label] = profiler.stop()
-            result.details[label] = load.summary(202)
+            result.details[label] = {
+                **load.summary(202),
+                "cpu_ms_per_request": stack.cpu_ms_per(cpu_before, stack.cpu(), load.count),
+            }
             return load
 
         before = await closed(minimal.port, baseline_request, "baseline_before")
@@ -115,9 +124,17 @@ async def run(ctx: Context) -> ScenarioResult:
         # Open loop at half the gateway's max: the latency a client sees at a sane load.
         rate = max(1.0, gateway_rps / 2)
         await purge_queues(stack)
-        open_base = await open_loop(minimal.port, baseline_request, rate=rate, duration=duration)
+        open_base = require(
+            await open_loop(minimal.port, baseline_request, rate=rate, duration=duration),
+            202,
+            "open loop, baseline",
+        )
         await purge_queues(stack)
-        open_subject = await open_loop(gateway.port, subject_request, rate=rate, duration=duration)
+        open_subject = require(
+            await open_loop(gateway.port, subject_request, rate=rate, duration=duration),
+            202,
+            "open loop, gateway",
+        )
         result.details["open_loop_rate_per_s"] = round(rate, 1)
         result.details["open_baseline"] = open_base.summary(202)
         result.details["open_gateway"] = open_subject.summary(202)

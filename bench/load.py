@@ -155,6 +155,24 @@ class LoadResult:
         }
 
 
+class Disturbed(ConnectionError):
+    """A load got answers that only something outside explains (the broker restarted).
+
+    A ConnectionError, so the run tries the scenario once more (see bench.__main__).
+    """
+
+
+def require(load: LoadResult, status: int, what: str) -> LoadResult:
+    """`load`, unless some answers were not `status`: then the measurement is void."""
+    others = load.count - len(load.ok(status))
+    if others:
+        raise Disturbed(
+            f"{what}: {others} of {load.count} answers were not {status} ({load.statuses};"
+            f" {load.errors[:3]}); the machine's broker or database was probably restarted"
+        )
+    return load
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile; None without values."""
     if not values:

@@ -30,6 +30,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
         await stack.start_baseline("consume", "--queue", "payment-requested")
         for _ in range(replicas)
     ]
+    cpu_before = stack.cpu()
     conn = await stack.connect()
     try:
 
@@ -42,6 +43,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
         )
     finally:
         await conn.close()
+    cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
     await stack.stop(*consumers)
     if row is None:
         raise RuntimeError("no rows from the minimal consumer")
@@ -50,6 +52,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
         "messages": n,
         "span_s": round(span, 3),
         "rate_per_s": round(n / span, 1) if span else None,
+        "cpu_ms_per_message": cpu,
     }
 
 
@@ -64,6 +67,7 @@ async def service_rate(
         first_new = await conn.fetchval("SELECT coalesce(max(id), 0) FROM payments.payment_events")
         services = [await stack.start_service("payments") for _ in range(replicas)]
         profiler = ctx.harness.profile(services[0], label)
+        cpu_before = stack.cpu()
 
         async def done() -> bool:
             charged = await conn.fetchval(
@@ -77,6 +81,7 @@ async def service_rate(
             await wait_until(done, within=120 + n / 10, what="payments service", interval=0.25)
         finally:
             summary = profiler.stop() if profiler is not None else None
+        cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
         row = await conn.fetchrow(
             """
             SELECT (SELECT min(created_at) FROM payments.payment_events
@@ -102,6 +107,7 @@ async def service_rate(
         "charges_at_provider": row["charges"],
         "span_s": round(span, 3),
         "rate_per_s": round(n / span, 1) if span > 0 else None,
+        "cpu_ms_per_payment": cpu,
     }
     if summary is not None:
         details["profile"] = summary

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import Context, create_sink, seed_processing_payments, signed_webhook, wait_until
 from bench.harness import Process, Stack
-from bench.load import closed_loop, each_request
+from bench.load import closed_loop, each_request, require
 from bench.report import Figure, ScenarioResult
 
 CONCURRENCY = 32
@@ -33,10 +33,15 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
     ]
     requests = [signed_webhook(publisher.port, p) for p in payments]
     conn = await stack.connect()
+    cpu_before = stack.cpu()
     try:
         started = time.time()
-        load = await closed_loop(
-            publisher.port, each_request(requests), concurrency=CONCURRENCY, count=n
+        load = require(
+            await closed_loop(
+                publisher.port, each_request(requests), concurrency=CONCURRENCY, count=n
+            ),
+            202,
+            "webhooks, baseline",
         )
 
         async def done() -> bool:
@@ -46,6 +51,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
         last = await conn.fetchval("SELECT extract(epoch FROM max(at)) FROM bench_sink")
     finally:
         await conn.close()
+    cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
     await stack.stop(publisher, *consumers)
     span = float(last) - started
     return {
@@ -53,6 +59,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
         "posts": load.summary(202),
         "span_s": round(span, 3),
         "rate_per_s": round(n / span, 1),
+        "cpu_ms_per_webhook": cpu,
     }
 
 
@@ -72,10 +79,15 @@ async def service_rate(
     conn = await stack.connect()
     profilers = [ctx.harness.profile(gateway, f"{label}-gateway")]
     profilers.append(ctx.harness.profile(services[0], label))
+    cpu_before = stack.cpu()
     try:
         started = time.time()
-        load = await closed_loop(
-            gateway.port, each_request(requests), concurrency=CONCURRENCY, count=n
+        load = require(
+            await closed_loop(
+                gateway.port, each_request(requests), concurrency=CONCURRENCY, count=n
+            ),
+            202,
+            "webhooks, gateway",
         )
 
         async def done() -> bool:
@@ -90,6 +102,7 @@ async def service_rate(
             await wait_until(done, within=120 + n / 10, what="webhooks service", interval=0.25)
         finally:
             summaries = [p.stop() if p is not None else None for p in profilers]
+        cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
         row = await conn.fetchrow(
             """
             SELECT extract(epoch FROM max(processed_at)) AS last,
@@ -114,6 +127,7 @@ async def service_rate(
         "not_applied": row["not_applied"],
         "span_s": round(span, 3),
         "rate_per_s": round(n / span, 1),
+        "cpu_ms_per_webhook": cpu,
     }
     if any(summaries):
         details["profiles"] = {"gateway": summaries[0], "webhooks": summaries[1]}
