@@ -235,8 +235,26 @@ def ensure_postgres_running() -> None:
 
 
 def ensure_rabbitmq_running() -> None:
+    """Leave RabbitMQ running, with the supervisor its quorum queues' dead-lettering needs.
+
+    RabbitMQ 3.10 loses `rabbit_fifo_dlx_sup` for good when dead-letter workers keep
+    crashing just after a start (quorum queues being deleted meanwhile, say by another
+    session removing its vhost); from then on every `x-dead-letter-strategy:
+    at-least-once` queue fails to start and clients get INTERNAL_ERROR. Restarting that
+    one supervisor repairs it without another restart.
+    """
     rabbitmqctl("start_app")
     rabbitmqctl("await_startup")
+    missing = subprocess.run(
+        ["rabbitmqctl", "--quiet", "eval", "whereis(rabbit_fifo_dlx_sup)."],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    if missing == "undefined":
+        log.warning("RabbitMQ lost rabbit_fifo_dlx_sup; restarting it")
+        rabbitmqctl("eval", "supervisor:restart_child(rabbit_sup, rabbit_fifo_dlx_sup).")
 
 
 async def restart_postgres() -> None:
