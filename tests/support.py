@@ -52,11 +52,19 @@ def fresh_vhost() -> Iterator[str]:
         rabbitmqctl("delete_vhost", name)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free port on 127.0.0.1, never one this process handed out before (a port chosen
+    for a service that has not bound it yet is still free to the kernel)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 async def eventually(

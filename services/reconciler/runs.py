@@ -121,6 +121,7 @@ class Reconciler:
             if not await lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY):
                 summary.status = "skipped"
                 await self._record(summary, finished=True)
+                await self._close_interrupted(summary.run_id)
                 RUNS.labels(trigger=trigger, outcome="skipped").inc()
                 log.info("reconciliation skipped: another run holds the lock")
                 return summary
@@ -256,6 +257,26 @@ class Reconciler:
             charge,
         )
 
+    async def _close_interrupted(self, run_id: uuid.UUID) -> None:
+        """A redelivered request found the lock taken: if its own first attempt left the
+        run `running`, that attempt died with its process; say so rather than leave it.
+
+        (Should that attempt still be alive after all, its final write replaces this.)"""
+        await self.db.transaction(
+            lambda conn: conn.execute(
+                """
+                UPDATE reconciler.reconciliation_logs
+                   SET status = 'failed', finished_at = now(), errors = errors + 1,
+                       error_details = error_details || jsonb_build_array(jsonb_build_object(
+                           'payment_id', '',
+                           'error', 'interrupted: the process running it stopped, and when'
+                                    ' the request came back another run was in progress'))
+                 WHERE id = $1 AND status = 'running'
+                """,
+                run_id,
+            )
+        )
+
     async def _record(self, summary: RunSummary, *, finished: bool) -> None:
         await self.db.transaction(
             lambda conn: conn.execute(
@@ -270,8 +291,6 @@ class Reconciler:
                        updated = EXCLUDED.updated, unchanged = EXCLUDED.unchanged,
                        errors = EXCLUDED.errors, error_details = EXCLUDED.error_details,
                        duration_ms = EXCLUDED.duration_ms, finished_at = EXCLUDED.finished_at
-                 -- A redelivered request skipped while its run goes on elsewhere must not
-                 -- overwrite that run's row; only the run itself updates it.
                  WHERE EXCLUDED.status <> 'skipped'
                 """,
                 summary.run_id,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -17,7 +18,7 @@ from libs.common.settings import ProviderSettings
 from libs.common.state_machine import apply_transition, record_creation
 from libs.common.states import PaymentStatus, TransitionSource
 from services.provider.app import create_app as create_provider
-from services.reconciler.runs import Reconciler, RunPolicy
+from services.reconciler.runs import ADVISORY_LOCK_KEY, Reconciler, RunPolicy
 from tests.support import eventually, free_port
 from tests.tcp_proxy import TcpProxy
 
@@ -530,3 +531,34 @@ async def test_a_failed_run_leaves_no_work_behind_it(
     # Nothing was settled once the run had been recorded as over and its lock released.
     assert await items(db, summary.run_id) == {}
     assert await reconciler_events(db) == []
+
+
+async def test_a_redelivered_request_closes_the_attempt_that_died(
+    db: Database, database_url: str, http: aiohttp.ClientSession
+) -> None:
+    """The process running a run died; its request comes back while another run holds
+    the lock: the dead attempt's row must not stay `running` forever."""
+    run_id = uuid.uuid4()
+    await db.transaction(
+        lambda conn: conn.execute(
+            "INSERT INTO reconciler.reconciliation_logs (id, trigger, status)"
+            " VALUES ($1, 'manual', 'running')",
+            run_id,
+        )
+    )
+    holder = await asyncpg.connect(database_url)
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_KEY)
+        nowhere = client(http, f"http://127.0.0.1:{free_port()}")
+        reconciler = Reconciler(
+            db, nowhere, RunPolicy(min_age_seconds=0, resubmit_max_age_seconds=60)
+        )
+        summary = await reconciler.run(trigger="manual", run_id=run_id)
+    finally:
+        await holder.close()
+
+    assert summary.status == "skipped"
+    log = await run_log(db, run_id)
+    assert log["status"] == "failed"
+    assert log["finished_at"] is not None
+    assert "interrupted" in log["error_details"][-1]["error"]
