@@ -5,10 +5,15 @@ py-spy is not a project dependency: install it into the virtualenv to profile
 process, summarised here into where the samples fall: the project's own frames
 (inclusive) and the packages whose code was on top of the stack (self time).
 Profiling slows the process down, so a profiled run's figures are not the ones to quote.
+
+`python -m bench.profiling FILE [--under FRAME]` reads one raw profile: the frames with
+the most samples (inclusive and self), or what the frames matching FRAME spend their
+samples on, line by line (e.g. `--under "accept_payment (services/gateway/intake.py"`).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import shutil
 import signal
@@ -110,3 +115,57 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
         "self_by_frame": share(self_by_frame),
         "project_inclusive": share(project_inclusive),
     }
+
+
+def _stacks(path: Path) -> list[tuple[list[str], int]]:
+    stacks: list[tuple[list[str], int]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            stacks.append((stack.split(";"), int(count_text)))
+    return stacks
+
+
+def breakdown(path: Path, under: str) -> tuple[int, int, collections.Counter[str]]:
+    """(all samples, samples under the first frame matching `under`, its callees' samples)."""
+    total = matched = 0
+    callees: collections.Counter[str] = collections.Counter()
+    for frames, count in _stacks(path):
+        total += count
+        for i, frame in enumerate(frames):
+            if under in frame:
+                matched += count
+                callees[frames[i + 1] if i + 1 < len(frames) else "<self>"] += count
+                break
+    return total, matched, callees
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Read a raw py-spy profile.")
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--under", help="break down the samples of the frames matching this")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    if args.under:
+        total, matched, callees = breakdown(args.file, args.under)
+        print(f"{args.under}: {matched / max(total, 1):.1%} of {total} samples")
+        for frame, n in callees.most_common(args.top):
+            print(f"  {n / total:6.1%}  {frame}")
+        return
+    inclusive: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    for frames, count in _stacks(args.file):
+        total += count
+        leaf[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    print(f"{total} samples")
+    for title, counter in (("inclusive", inclusive), ("self", leaf)):
+        print(f"--- {title}")
+        for frame, n in counter.most_common(args.top):
+            print(f"{n / max(total, 1):6.1%}  {frame}")
+
+
+if __name__ == "__main__":
+    main()
