@@ -237,6 +237,7 @@ class ProviderSettings(DatabaseSettings, WebhookSigningSettings):
     service_name: ClassVar[str] = "provider"
     port: int = Field(default=3100, ge=1, le=65535)
     provider_webhook_url: str = "http://localhost:3000/api/webhooks"
+    provider_webhook_timeout_seconds: float = Field(default=5.0, gt=0)
     provider_webhook_delay_ms: int = Field(default=500, ge=0)
     provider_decline_rate: float = Field(default=0.1, ge=0, le=1)
     provider_webhook_drop_rate: float = Field(default=0.0, ge=0, le=1)

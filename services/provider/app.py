@@ -42,6 +42,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
     target = WebhookTarget(
         url=settings.provider_webhook_url,
         secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
+        timeout_seconds=settings.provider_webhook_timeout_seconds,
     )
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(webhook_client_context())
