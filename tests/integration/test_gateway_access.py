@@ -8,29 +8,16 @@ from typing import Any
 
 import pytest
 
-from libs.common.broker.connection import Broker
-from libs.common.broker.topology import Topology
-from libs.common.settings import GatewaySettings
 from libs.common.signing import seed_signature
-from tests.integration.gateway_client import Gateway, running_gateway
+from tests.integration.conftest import MakeGateway
+from tests.integration.gateway_client import Gateway
 
 KEYS = ["key-alpha-7f3c", "key-beta-91ad"]
 ORDER = {"amount": "10.00", "customer_id": "c1"}
 
 
 @pytest.fixture
-def make_gateway(database_url: str, rabbitmq_url: str, topology: Topology, broker: Broker) -> Any:
-    def make(**overrides: Any) -> Any:
-        settings = GatewaySettings(
-            database_url=database_url, rabbitmq_url=rabbitmq_url, **overrides
-        )
-        return running_gateway(settings, topology)
-
-    return make
-
-
-@pytest.fixture
-async def gateway(make_gateway: Any) -> AsyncIterator[Gateway]:
+async def gateway(make_gateway: MakeGateway) -> AsyncIterator[Gateway]:
     async with make_gateway(api_keys=",".join(KEYS), api_secret="seed-style-secret") as gateway:
         yield gateway
 
@@ -105,7 +92,7 @@ async def test_idempotency_keys_belong_to_their_api_key(gateway: Gateway) -> Non
     assert again.body["id"] == first.body["id"]
 
 
-async def test_rate_limit_answers_429_with_retry_after(make_gateway: Any) -> None:
+async def test_rate_limit_answers_429_with_retry_after(make_gateway: MakeGateway) -> None:
     async with make_gateway(api_keys=",".join(KEYS), rate_limit="3/minute") as gateway:
         answers = [await gateway.pay(ORDER, headers=bearer(KEYS[0])) for _ in range(4)]
         assert [a.status for a in answers] == [202, 202, 202, 429]
@@ -116,13 +103,13 @@ async def test_rate_limit_answers_429_with_retry_after(make_gateway: Any) -> Non
         assert (await gateway.pay(ORDER, headers=bearer(KEYS[1]))).status == 202
 
 
-async def test_without_keys_the_limit_is_per_address(make_gateway: Any) -> None:
+async def test_without_keys_the_limit_is_per_address(make_gateway: MakeGateway) -> None:
     async with make_gateway(rate_limit="2/minute") as gateway:
         statuses = [(await gateway.pay(ORDER)).status for _ in range(3)]
         assert statuses == [202, 202, 429]
 
 
-async def test_repeated_signature_failures_shut_the_address_out(make_gateway: Any) -> None:
+async def test_repeated_signature_failures_shut_the_address_out(make_gateway: MakeGateway) -> None:
     async with make_gateway(webhook_failure_limit="3/minute") as gateway:
         body = b'{"event_type":"payment.completed","payment_id":"x"}'
         bad = {"X-Webhook-Signature": "0" * 64}

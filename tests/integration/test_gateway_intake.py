@@ -5,34 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
 from libs.common.broker.connection import Broker
-from libs.common.broker.topology import Topology
 from libs.common.messages import PaymentRequested, decode
-from libs.common.settings import GatewaySettings
 from libs.common.web import BROKER
-from tests.integration.gateway_client import Gateway, running_gateway
+from tests.integration.gateway_client import Gateway
 
 SEED_REQUEST = {
     "amount": 100.00,
     "customer_id": "test_customer",
     "description": "Test payment from DevOps",
 }
-
-
-@pytest.fixture
-async def gateway(
-    database_url: str, rabbitmq_url: str, topology: Topology, broker: Broker
-) -> AsyncIterator[Gateway]:
-    # `broker` declares this test's topology and deletes it afterwards.
-    settings = GatewaySettings(database_url=database_url, rabbitmq_url=rabbitmq_url)
-    async with running_gateway(settings, topology) as gateway:
-        yield gateway
 
 
 async def published(broker: Broker) -> list[PaymentRequested]:

@@ -6,31 +6,18 @@ import datetime as dt
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
 
-from libs.common.broker.connection import Broker
-from libs.common.broker.topology import Topology
 from libs.common.db import Connection, Database
-from libs.common.settings import GatewaySettings
 from libs.common.state_machine import apply_transition, record_creation
 from libs.common.states import PaymentStatus, TransitionSource
-from tests.integration.gateway_client import Gateway, running_gateway
+from tests.integration.gateway_client import Gateway
 from tests.openapi import DOCUMENT
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-async def gateway(
-    database_url: str, rabbitmq_url: str, topology: Topology, broker: Broker
-) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(database_url=database_url, rabbitmq_url=rabbitmq_url)
-    async with running_gateway(settings, topology) as gateway:
-        yield gateway
 
 
 async def add_payment(

@@ -13,12 +13,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from libs.common.broker.connection import Broker
-from libs.common.broker.topology import Topology
 from libs.common.messages import WebhookReceived, decode
-from libs.common.settings import GatewaySettings
 from libs.common.signing import seed_signature, signature_headers, standard_signature
 from libs.common.webhook_events import event_uuid
-from tests.integration.gateway_client import Answer, Gateway, running_gateway
+from tests.integration.conftest import MakeGateway
+from tests.integration.gateway_client import Answer, Gateway
 
 SECRET = "webhook-secret-key"
 ROTATED = ["whsec_" + base64.b64encode(b"the new secret").decode(), SECRET]
@@ -33,13 +32,8 @@ def seed_payload(payment_id: str = "6c0e1f1e-9d53-4c4e-9a53-0f2b5f4f7d11") -> by
 
 
 @pytest.fixture
-async def gateway(
-    database_url: str, rabbitmq_url: str, topology: Topology, broker: Broker
-) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(
-        database_url=database_url, rabbitmq_url=rabbitmq_url, webhook_secret=",".join(ROTATED)
-    )
-    async with running_gateway(settings, topology) as gateway:
+async def gateway(make_gateway: MakeGateway) -> AsyncIterator[Gateway]:
+    async with make_gateway(webhook_secret=",".join(ROTATED)) as gateway:
         yield gateway
 
 
