@@ -53,7 +53,10 @@ class PaymentIntake:
 
     async def handle(self, envelope: Envelope[PaymentRequested]) -> None:
         payment = envelope.payload
-        status = await self.db.transaction(lambda conn: _store(conn, envelope))
+        status, inserted = await self.db.transaction(lambda conn: _store(conn, envelope))
+        if inserted:
+            # Logged once it committed: the transaction above may run more than once.
+            log.info("payment stored", extra={"payment_id": str(payment.payment_id)})
         if status is not PaymentStatus.PENDING:
             # Charged before (this is a redelivery) or already settled by a webhook.
             return
@@ -97,8 +100,10 @@ class PaymentIntake:
         )
 
 
-async def _store(conn: Connection, envelope: Envelope[PaymentRequested]) -> PaymentStatus:
-    """Insert the payment if new; return its current status."""
+async def _store(
+    conn: Connection, envelope: Envelope[PaymentRequested]
+) -> tuple[PaymentStatus, bool]:
+    """Insert the payment if new; return its current status and whether it was new."""
     payment = envelope.payload
     await INBOX.claim(conn, envelope)
     inserted = await conn.fetchval(
@@ -123,12 +128,11 @@ async def _store(conn: Connection, envelope: Envelope[PaymentRequested]) -> Paym
         await record_creation(
             conn, payment.payment_id, source=TransitionSource.API, reason="accepted by gateway"
         )
-        log.info("payment stored", extra={"payment_id": str(payment.payment_id)})
-        return PaymentStatus.PENDING
+        return PaymentStatus.PENDING, True
     status = await conn.fetchval(
         "SELECT status FROM payments.payments WHERE id = $1", payment.payment_id
     )
-    return PaymentStatus(status)
+    return PaymentStatus(status), False
 
 
 async def record_charge(conn: Connection, payment_id: uuid.UUID, charge: Charge) -> None:
