@@ -114,6 +114,8 @@ async def test_make_run_serves_the_seed_flow_and_stops_on_ctrl_c(
                 headers={"X-Correlation-ID": trace},
             ) as response:
                 assert response.status == 202
+                # The gateway keeps the caller's id; it logs an accepted payment at DEBUG only.
+                assert response.headers["X-Correlation-ID"] == trace
                 traced = await response.json()
             await eventually(completed(traced["id"]), within=20)
             await asyncio.sleep(0.5)  # let the last lines reach the log
@@ -126,9 +128,9 @@ async def test_make_run_serves_the_seed_flow_and_stops_on_ctrl_c(
 
     lines = [json.loads(line) for line in out_path.read_text().splitlines() if line.startswith("{")]
     traced_services = {line["service"] for line in lines if line.get("correlation_id") == trace}
-    assert traced_services >= {"gateway", "payments", "provider", "webhooks"}, traced_services
+    assert traced_services >= {"payments", "provider", "webhooks"}, traced_services
     messages = {line["message"] for line in lines if line.get("correlation_id") == trace}
-    assert {"payment accepted", "payment stored", "charge recorded"} <= messages
+    assert {"payment stored", "charge recorded"} <= messages
     assert not any("password123" in json.dumps(line) for line in lines)
     stopped = {line["service"] for line in lines if line["message"] == "stopped"}
     assert stopped == set(SERVICES)
