@@ -29,9 +29,23 @@ _REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-8a8e-4d8f-9a43-5b0f7c2d9e11")
 
 
+# Every two-character string, indexed by 10 bits: one random draw, five look-ups, instead
+# of ten calls to secrets.choice (each a system random read) on every payment.
+_REFERENCE_PAIRS = [a + b for a in _REFERENCE_ALPHABET for b in _REFERENCE_ALPHABET]
+
+
 def new_reference() -> str:
     """A human-friendly unique reference, e.g. PAY-7K2M9Q4XTR (50 random bits)."""
-    return "PAY-" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(10))
+    bits = secrets.randbits(50)
+    pairs = _REFERENCE_PAIRS
+    return (
+        "PAY-"
+        + pairs[bits >> 40]
+        + pairs[(bits >> 30) & 1023]
+        + pairs[(bits >> 20) & 1023]
+        + pairs[(bits >> 10) & 1023]
+        + pairs[bits & 1023]
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
