@@ -42,11 +42,20 @@ class Envelope(BaseModel, Generic[P]):
         return self.type
 
 
+# Envelope[X] costs a few microseconds on every call even when pydantic has the class
+# cached, and every message published or consumed asks for one; payload types are few.
+_ENVELOPE_TYPES: dict[type[Payload], type[Envelope[Any]]] = {}
+
+
 def envelope_type(payload_type: type[P]) -> type[Envelope[P]]:
     """`Envelope[payload_type]`, for a payload type known only at run time.
 
     Pydantic must know the concrete payload type to validate and serialise all its fields."""
-    return cast("type[Envelope[P]]", Envelope.__class_getitem__(payload_type))
+    envelope = _ENVELOPE_TYPES.get(payload_type)
+    if envelope is None:
+        envelope = cast("type[Envelope[Any]]", Envelope.__class_getitem__(payload_type))
+        _ENVELOPE_TYPES[payload_type] = envelope
+    return cast("type[Envelope[P]]", envelope)
 
 
 class MessageDecodeError(ValueError):
