@@ -149,7 +149,7 @@ payment_events = Table(
 
 payments_inbox = _inbox(PAYMENTS_SCHEMA)
 
-# Kept by the trigger payments.count_payment, so /api/payments/stats never scans payments.
+# Kept by the triggers payments_count_* (migration 0005): /api/payments/stats never scans payments.
 payment_stats = Table(
     "payment_stats",
     metadata,
