@@ -67,6 +67,10 @@ async def _init_connection(conn: Connection) -> None:
         )
 
 
+async def _keep_session(conn: Connection) -> None:
+    """Nothing to reset: see `Database.connect`."""
+
+
 class _Retryable(Exception):
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -89,7 +93,14 @@ class Database:
         self.backoff_seconds = backoff_seconds
 
     @classmethod
-    async def connect(cls, settings: DatabaseSettings) -> Database:
+    async def connect(cls, settings: DatabaseSettings, *, session_state: bool = True) -> Database:
+        """A pool for `settings`.
+
+        asyncpg resets each connection given back to the pool with a query of its own
+        (release advisory locks, close cursors, unlisten, reset settings): one more round
+        trip per use. A service whose code leaves no such state on a connection passes
+        `session_state=False` to skip it; an open transaction is still rolled back.
+        """
         pool = await asyncpg.create_pool(
             settings.database_dsn(),
             min_size=settings.db_pool_min_size,
@@ -97,6 +108,7 @@ class Database:
             timeout=settings.db_connect_timeout_seconds,
             command_timeout=settings.db_command_timeout_seconds,
             init=_init_connection,
+            reset=None if session_state else _keep_session,
         )
         return cls(pool, acquire_timeout=settings.db_acquire_timeout_seconds)
 
@@ -161,12 +173,17 @@ class Database:
         except Exception as exc:  # noqa: BLE001 - asyncpg terminated it; the pool replaces it
             log.warning("database connection discarded", extra={"error": repr(exc)})
 
+    async def statement(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work`, which is one SQL statement, without BEGIN/COMMIT round trips.
+
+        A single statement is atomic on its own; it is retried like a transaction."""
+        return await self._retrying(work, in_transaction=False)
+
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        """One statement on its own (no BEGIN/COMMIT round trips), retried like a transaction."""
-        return await self._retrying(lambda conn: conn.fetch(query, *args), in_transaction=False)
+        return await self.statement(lambda conn: conn.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        return await self._retrying(lambda conn: conn.fetchrow(query, *args), in_transaction=False)
+        return await self.statement(lambda conn: conn.fetchrow(query, *args))
 
     async def ping(self, within_seconds: float = 2.0) -> None:
         """Raise unless the database answers a trivial query within `timeout` (for /ready)."""

@@ -1,17 +1,20 @@
 """The one function that changes a payment's status.
 
 Every service (payments, webhooks, reconciler) moves payments only through
-`apply_transition`, inside the caller's transaction. It is a single SQL statement: lock
-the row, update it only if the move is allowed from its current status, and append an
-audit row saying what was asked, by whom, and whether it was applied or refused. Two
-concurrent moves of one payment serialize on the row lock, and the second one sees the
-first one's result, so a late or duplicate event can never move a payment backwards.
+`apply_transitions` (or `apply_transition` for one), inside the caller's transaction or
+as a statement of its own. It is a single SQL statement: lock the rows, update each only
+if the move is allowed from its current status, and append an audit row per move saying
+what was asked, by whom, and whether it was applied or refused. Two concurrent moves of
+one payment serialize on the row lock, and the second one sees the first one's result,
+so a late or duplicate event can never move a payment backwards. Rows are locked in id
+order, so two batches touching the same payments cannot deadlock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 
 from libs.common.db import Connection
 from libs.common.logs import get_correlation_id
@@ -32,30 +35,113 @@ class Transition:
         return self.from_status is not None
 
 
-_TRANSITION_SQL = """
-WITH current AS (
-    SELECT id, status FROM payments.payments WHERE id = $1 FOR UPDATE
+@dataclasses.dataclass(frozen=True, slots=True)
+class TransitionRequest:
+    """One move asked for: `to_status`, plus what to record on the payment if applied."""
+
+    payment_id: uuid.UUID
+    to_status: PaymentStatus
+    source: TransitionSource
+    reason: str | None = None
+    provider: str | None = None
+    provider_reference: str | None = None
+    failure_reason: str | None = None
+    # The audit row's; None takes the current context's.
+    correlation_id: str | None = None
+
+
+# Every allowed (from, to) pair, as two parallel arrays for the statement below.
+_ALLOWED_PAIRS = [(f.value, t.value) for t, froms in ALLOWED_FROM.items() for f in froms]
+_ALLOWED_FROM_STATUS = [f for f, _ in _ALLOWED_PAIRS]
+_ALLOWED_TO_STATUS = [t for _, t in _ALLOWED_PAIRS]
+
+_TRANSITIONS_SQL = """
+WITH asked AS (
+    SELECT *
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                  $7::text[], $8::text[])
+        AS a(payment_id, to_status, provider, provider_reference, failure_reason, source,
+             reason, correlation_id)
+), locked AS (
+    SELECT id, status FROM payments.payments WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+), decided AS (
+    SELECT asked.*, locked.status AS from_status,
+           EXISTS (SELECT 1 FROM unnest($9::text[], $10::text[]) AS allowed(from_status, to_status)
+                    WHERE allowed.from_status = locked.status
+                      AND allowed.to_status = asked.to_status) AS allowed
+      FROM asked JOIN locked ON locked.id = asked.payment_id
 ), moved AS (
     UPDATE payments.payments AS p
-       SET status = $2::text,
-           provider = COALESCE($3::text, p.provider),
-           provider_reference = COALESCE($4::text, p.provider_reference),
-           failure_reason = COALESCE($5::text, p.failure_reason)
-      FROM current
-     WHERE p.id = current.id AND current.status = ANY($6::text[])
+       SET status = d.to_status,
+           provider = COALESCE(d.provider, p.provider),
+           provider_reference = COALESCE(d.provider_reference, p.provider_reference),
+           failure_reason = COALESCE(d.failure_reason, p.failure_reason)
+      FROM decided AS d
+     WHERE p.id = d.payment_id AND d.allowed
     RETURNING p.id
 ), audit AS (
     INSERT INTO payments.payment_events
         (payment_id, from_status, to_status, applied, source, reason, correlation_id)
-    SELECT current.id, current.status, $2::text, EXISTS (SELECT 1 FROM moved), $7::text,
-           CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $8::text
-                ELSE concat_ws('; ', 'refused: not allowed from ' || current.status, $8::text)
+    SELECT d.payment_id, d.from_status, d.to_status, d.payment_id IN (SELECT id FROM moved),
+           d.source,
+           CASE WHEN d.payment_id IN (SELECT id FROM moved) THEN d.reason
+                ELSE concat_ws('; ', 'refused: not allowed from ' || d.from_status, d.reason)
            END,
-           $9::text
-      FROM current
+           d.correlation_id
+      FROM decided AS d
 )
-SELECT current.status AS from_status, EXISTS (SELECT 1 FROM moved) AS applied FROM current
+SELECT d.payment_id, d.from_status, d.payment_id IN (SELECT id FROM moved) AS applied
+  FROM decided AS d
 """
+
+
+async def apply_transitions(
+    conn: Connection, requests: Sequence[TransitionRequest]
+) -> list[Transition]:
+    """Move each payment to its `to_status` if allowed; record every attempt either way.
+
+    One statement, so it is atomic on its own; inside the caller's transaction, the audit
+    rows and whatever else the caller writes (inbox entry, webhook event) commit or roll
+    back together. At most one request per payment. Results come in the requests' order.
+    """
+    if not requests:
+        return []
+    ids = [r.payment_id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ValueError("at most one transition per payment in one call")
+    context_correlation_id = get_correlation_id()
+    rows = await conn.fetch(
+        _TRANSITIONS_SQL,
+        ids,
+        [r.to_status.value for r in requests],
+        [r.provider for r in requests],
+        [r.provider_reference for r in requests],
+        [r.failure_reason for r in requests],
+        [r.source.value for r in requests],
+        [r.reason for r in requests],
+        [r.correlation_id or context_correlation_id for r in requests],
+        _ALLOWED_FROM_STATUS,
+        _ALLOWED_TO_STATUS,
+    )
+    found = {row["payment_id"]: row for row in rows}
+    results = []
+    for request in requests:
+        row = found.get(request.payment_id)
+        if row is None:
+            results.append(Transition(request.payment_id, request.to_status, None, applied=False))
+            continue
+        applied: bool = row["applied"]
+        PAYMENT_TRANSITIONS.labels(
+            source=request.source.value,
+            to_status=request.to_status.value,
+            outcome="applied" if applied else "refused",
+        ).inc()
+        results.append(
+            Transition(
+                request.payment_id, request.to_status, PaymentStatus(row["from_status"]), applied
+            )
+        )
+    return results
 
 
 async def apply_transition(
@@ -69,30 +155,18 @@ async def apply_transition(
     provider_reference: str | None = None,
     failure_reason: str | None = None,
 ) -> Transition:
-    """Move `payment_id` to `to_status` if allowed; record the attempt either way.
-
-    Must run inside the caller's transaction, so the audit row and whatever else the
-    caller writes (inbox entry, webhook event) commit or roll back together.
-    """
-    row = await conn.fetchrow(
-        _TRANSITION_SQL,
+    """Move `payment_id` to `to_status` if allowed; record the attempt either way."""
+    request = TransitionRequest(
         payment_id,
-        to_status.value,
-        provider,
-        provider_reference,
-        failure_reason,
-        [s.value for s in ALLOWED_FROM[to_status]],
-        source.value,
-        reason,
-        get_correlation_id(),
+        to_status,
+        source,
+        reason=reason,
+        provider=provider,
+        provider_reference=provider_reference,
+        failure_reason=failure_reason,
     )
-    if row is None:
-        return Transition(payment_id, to_status, from_status=None, applied=False)
-    applied: bool = row["applied"]
-    PAYMENT_TRANSITIONS.labels(
-        source=source.value, to_status=to_status.value, outcome="applied" if applied else "refused"
-    ).inc()
-    return Transition(payment_id, to_status, PaymentStatus(row["from_status"]), applied)
+    (transition,) = await apply_transitions(conn, [request])
+    return transition
 
 
 async def record_creation(

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.common.broker.connection import Broker
-from libs.common.broker.consumer import Consumer, Handler
+from libs.common.broker.consumer import BatchHandler, Consumer, Handler
 from libs.common.broker.topology import QueueSpec, Topology
 from libs.common.db import Database, is_transient
 from libs.common.errors import ApiError as ApiError  # re-exported for route modules
@@ -182,9 +182,12 @@ def create_service_app(settings: BaseServiceSettings) -> web.Application:
     return app
 
 
-def database_context(settings: DatabaseSettings) -> CleanupContext:
+def database_context(settings: DatabaseSettings, *, session_state: bool = True) -> CleanupContext:
+    """The pool; `session_state=False` for a service that never leaves session state
+    (advisory locks, settings, cursors) on a connection (see `Database.connect`)."""
+
     async def context(app: web.Application) -> AsyncIterator[None]:
-        database = await Database.connect(settings)
+        database = await Database.connect(settings, session_state=session_state)
         app[DATABASE] = database
         yield
         await database.close()
@@ -220,13 +223,20 @@ def consumer_context(
     payload_type: type[P],
     make_handler: Callable[[web.Application], Handler[P]],
     *,
+    make_batch_handler: Callable[[web.Application], BatchHandler[P]] | None = None,
     shutdown_timeout: float,
 ) -> CleanupContext:
-    """Consume `queue` with the handler `make_handler` builds from the app's resources."""
+    """Consume `queue` with the handlers built from the app's resources (see Consumer)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         broker = app[BROKER]
-        consumer = Consumer(broker, queue(broker.topology), payload_type, make_handler(app))
+        consumer = Consumer(
+            broker,
+            queue(broker.topology),
+            payload_type,
+            make_handler(app),
+            batch_handler=make_batch_handler(app) if make_batch_handler else None,
+        )
         await consumer.start()
         yield
         await consumer.stop(grace_seconds=shutdown_timeout)

@@ -24,7 +24,8 @@ def _intake(app: web.Application) -> PaymentIntake:
 def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app(settings)
-    app.cleanup_ctx.append(database_context(settings))
+    # Its code leaves no session state on a connection: skip the reset round trip.
+    app.cleanup_ctx.append(database_context(settings, session_state=False))
     app.cleanup_ctx.append(broker_context(settings, name="payments", topology=topology))
     app.cleanup_ctx.append(provider_client_context(settings))
     app.cleanup_ctx.append(
@@ -32,6 +33,7 @@ def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) 
             lambda topology: topology.payment_requested,
             PaymentRequested,
             lambda app: _intake(app).handle,
+            make_batch_handler=lambda app: _intake(app).handle_batch,
             shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
@@ -270,3 +271,92 @@ async def test_stop_lets_in_flight_work_finish_and_ack(broker: Broker, topology:
 
     assert finished == [envelope.message_id]
     assert await queue_depth(broker, topology.payment_requested.name) == 0
+
+
+class BatchRecorder:
+    """A batch handler that fails every batch holding `poison` (a payment's customer id)."""
+
+    def __init__(self, poison: str | None = None, delay: float = 0.0) -> None:
+        self.batches: list[list[uuid.UUID]] = []
+        self.poison = poison
+        self.delay = delay
+
+    async def __call__(self, envelopes: Sequence[Envelope[PaymentRequested]]) -> None:
+        self.batches.append([e.message_id for e in envelopes])
+        await asyncio.sleep(self.delay)
+        if any(e.payload.customer_id == self.poison for e in envelopes):
+            raise RuntimeError("batch failed on purpose")
+
+
+async def consume_in_batches(
+    broker: Broker, single: Any, batch: BatchRecorder
+) -> Consumer[PaymentRequested]:
+    consumer = Consumer(
+        broker,
+        broker.topology.payment_requested,
+        PaymentRequested,
+        single,
+        batch_handler=batch,
+        retry_backoff_seconds=0.01,
+    )
+    await consumer.start()
+    return consumer
+
+
+async def test_a_backlog_is_handled_in_batches_and_every_message_acked(
+    broker: Broker, topology: Topology
+) -> None:
+    envelopes = [payment_requested() for _ in range(100)]
+    for envelope in envelopes:
+        await broker.publish(envelope)
+    single = Recorder()
+    batches = BatchRecorder(delay=0.02)
+    consumer = await consume_in_batches(broker, single, batches)
+    try:
+        await eventually(lambda: sum(map(len, batches.batches)) >= 100)
+    finally:
+        await consumer.stop(grace_seconds=5)
+    # Anything left unacked went back to the queue when the consumer's channel closed.
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
+
+    handled = [message_id for batch in batches.batches for message_id in batch]
+    assert sorted(handled) == sorted(e.message_id for e in envelopes)
+    assert single.calls == []
+    assert max(map(len, batches.batches)) > 1
+    assert max(map(len, batches.batches)) <= consumer.max_batch
+
+
+async def test_a_failed_batch_is_retried_one_message_at_a_time(
+    broker: Broker, topology: Topology
+) -> None:
+    """One bad message fails its batch; the others still succeed, and it alone is parked."""
+    good = [payment_requested() for _ in range(20)]
+    bad = payment_requested(customer_id="poison")
+    for envelope in [*good[:10], bad, *good[10:]]:
+        await broker.publish(envelope)
+
+    async def single(envelope: Envelope[PaymentRequested]) -> None:
+        await batches([envelope])
+
+    batches = BatchRecorder(poison="poison")
+    consumer = await consume_in_batches(broker, single, batches)
+    try:
+        await eventually(lambda: queue_depth(broker, topology.payment_requested.parking))
+    finally:
+        await consumer.stop(grace_seconds=5)
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
+
+    succeeded = {
+        message_id
+        for batch in batches.batches
+        if bad.message_id not in batch
+        for message_id in batch
+    }
+    assert succeeded == {e.message_id for e in good}
+    # The bad one: in a failed batch, then alone (here and on each redelivery) until the
+    # delivery limit parks it.
+    alone = [batch for batch in batches.batches if batch == [bad.message_id]]
+    assert len(alone) == topology.delivery_limit
+    parked = await get_one(broker, topology.payment_requested.parking)
+    assert parked.message_id == str(bad.message_id)
+    assert parked.headers["x-parked-reason"] == "retries_exhausted"

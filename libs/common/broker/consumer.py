@@ -8,6 +8,12 @@ handler raised `PoisonMessage`), the message is parked: republished to the dead-
 exchange with the reason in its headers, confirmed, and only then acked. The queue's
 broker-side delivery limit parks messages that kill the process before it can do so.
 
+With a batch handler, the messages that arrive together (up to the prefetch window) are
+handed over as one batch, so the handler pays its database round trips and commits once
+per batch; each message is acked when its batch returned. If the batch fails, each of its
+messages goes through the one-message path above, and so does every redelivered message,
+so a bad message retries and parks on its own and never holds up the others.
+
 Redelivery is normal (a crash after commit and before ack redelivers a processed
 message), so handlers must be idempotent; the inbox helper in libs.common.inbox makes
 "record the message id and do the work" one transaction.
@@ -20,7 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic
 
 import aio_pika
@@ -41,6 +47,7 @@ from libs.common.metrics import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope[P]], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Envelope[P]]], Awaitable[None]]
 
 
 class PoisonMessage(Exception):
@@ -61,6 +68,8 @@ class Consumer(Generic[P]):
         payload_type: type[P],
         handler: Handler[P],
         *,
+        batch_handler: BatchHandler[P] | None = None,
+        batches_in_flight: int = 2,
         prefetch: int | None = None,
         retry_backoff_seconds: float = 0.5,
         max_retry_backoff_seconds: float = 10.0,
@@ -70,6 +79,14 @@ class Consumer(Generic[P]):
         self.payload_type = payload_type
         self.handler = handler
         self.prefetch = prefetch or broker.prefetch
+        self.batch_handler = batch_handler
+        # Several batches at once, so the next one fills while one waits on its I/O.
+        self.batches_in_flight = batches_in_flight
+        self.max_batch = max(1, self.prefetch // batches_in_flight)
+        self._waiting: list[tuple[Envelope[P], asyncio.Future[bool]]] = []
+        self._batch_slots = asyncio.Semaphore(batches_in_flight)
+        self._batcher: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
         self.retry_backoff_seconds = retry_backoff_seconds
         self.max_retry_backoff_seconds = max_retry_backoff_seconds
         # Park on the last attempt the broker would allow, so the reason travels along.
@@ -85,6 +102,10 @@ class Consumer(Generic[P]):
         self._channel = await self.broker.new_channel()
         await self._channel.set_qos(prefetch_count=self.prefetch)
         self._amqp_queue = await self._channel.get_queue(self.queue.name, ensure=True)
+        if self.batch_handler is not None:
+            self._batcher = asyncio.create_task(
+                self._form_batches(self.batch_handler), name="batcher"
+            )
         self._consumer_tag = await self._amqp_queue.consume(self._on_message)
         self._gauge_task = asyncio.create_task(
             self._measure_depth(self._channel), name="queue depth"
@@ -122,6 +143,10 @@ class Consumer(Generic[P]):
                 log.warning("in-flight messages left for redelivery", extra={"n": len(pending)})
                 for task in pending:
                     task.cancel()
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 
@@ -131,7 +156,12 @@ class Consumer(Generic[P]):
             self._in_flight.add(task)
         started = time.perf_counter()
         try:
-            outcome = await self._process(message)
+            # A redelivered message failed before (or its consumer died): it goes alone,
+            # so it cannot fail a batch of others again.
+            batched = self.batch_handler is not None and delivery_count(message) == 0
+            outcome = await self._in_batch(message) if batched else None
+            if outcome is None:
+                outcome = await self._process(message)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -139,6 +169,60 @@ class Consumer(Generic[P]):
         MESSAGE_PROCESSING_DURATION.labels(queue=self.queue.name).observe(
             time.perf_counter() - started
         )
+
+    async def _in_batch(self, message: AbstractIncomingMessage) -> str | None:
+        """Process `message` in the next batch; None if it must go the one-message way."""
+        try:
+            envelope = decode(message.body, self.payload_type)
+        except MessageDecodeError:
+            return None  # parked by the one-message path, with the reason
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((envelope, done))
+        self._arrived.set()
+        if not await done:
+            return None
+        await message.ack()
+        return "processed"
+
+    async def _form_batches(self, handler: BatchHandler[P]) -> None:
+        """Hand what has arrived to the batch handler, at most `batches_in_flight` at once."""
+        batches: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await self._arrived.wait()
+                await self._batch_slots.acquire()
+                # Deliveries of one prefetch window arrive together: let them all land.
+                await asyncio.sleep(0)
+                batch, self._waiting = (
+                    self._waiting[: self.max_batch],
+                    self._waiting[self.max_batch :],
+                )
+                if not self._waiting:
+                    self._arrived.clear()
+                task = asyncio.create_task(self._run_batch(handler, batch), name="batch")
+                batches.add(task)
+                task.add_done_callback(batches.discard)
+        finally:
+            for task in batches:
+                task.cancel()
+
+    async def _run_batch(
+        self, handler: BatchHandler[P], batch: list[tuple[Envelope[P], asyncio.Future[bool]]]
+    ) -> None:
+        succeeded = False
+        try:
+            await handler([envelope for envelope, _ in batch])
+            succeeded = True
+        except Exception as exc:  # noqa: BLE001 - its messages are retried one by one
+            log.warning(
+                "batch failed; its messages are processed one by one",
+                extra={"queue": self.queue.name, "messages": len(batch), "error": repr(exc)},
+            )
+        finally:
+            self._batch_slots.release()
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(succeeded)
 
     async def _process(self, message: AbstractIncomingMessage) -> str:
         try:
