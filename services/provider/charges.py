@@ -234,7 +234,9 @@ async def create_charge(
             raise IdempotencyKeyReused(idempotency_key)
         return CreateResult(Charge.from_row(existing), replayed=True)
 
-    result = await db.transaction(create)
+    # A declined charge queues its webhook in the same transaction; the others are one
+    # INSERT (and, for a repeated key, one SELECT), each consistent on its own.
+    result = await (db.transaction(create) if declined else db.statement(create))
     if not result.replayed:
         charge = result.charge
         CHARGES_CREATED.labels(outcome="declined" if declined else "accepted").inc()
