@@ -76,18 +76,21 @@ class PaymentIntake:
         # One payment's message twice in a batch (a resend racing a redelivery) is one payment.
         unique = list({e.payload.payment_id: e for e in reversed(envelopes)}.values())
         stored = await self.db.statement(lambda conn: store_payments(conn, unique))
-        for envelope in unique:
-            if stored[envelope.payload.payment_id].inserted:
-                # Logged once it committed: the statement above may run more than once.
-                with correlation_scope(envelope.correlation_id):
-                    log.info(
-                        "payment stored", extra={"payment_id": str(envelope.payload.payment_id)}
-                    )
+        if log.isEnabledFor(logging.DEBUG):
+            for envelope in unique:
+                if stored[envelope.payload.payment_id].inserted:
+                    # Logged once it committed: the statement above may run more than once.
+                    with correlation_scope(envelope.correlation_id):
+                        log.debug(
+                            "payment stored",
+                            extra={"payment_id": str(envelope.payload.payment_id)},
+                        )
         # Charged before (a redelivery) or already settled by a webhook: nothing to ask.
         due = [e for e in unique if stored[e.payload.payment_id].status is PaymentStatus.PENDING]
         answers = await asyncio.gather(*(self._charge(envelope) for envelope in due))
         moves = [move for move in answers if move is not None]
         await self.db.statement(lambda conn: apply_transitions(conn, moves))
+        # One line per payment: each log line costs as much CPU as a tenth of the work.
         for move in moves:
             with correlation_scope(move.correlation_id):
                 log.info(

@@ -130,7 +130,7 @@ async def test_make_run_serves_the_seed_flow_and_stops_on_ctrl_c(
     traced_services = {line["service"] for line in lines if line.get("correlation_id") == trace}
     assert traced_services >= {"payments", "provider", "webhooks"}, traced_services
     messages = {line["message"] for line in lines if line.get("correlation_id") == trace}
-    assert {"payment stored", "charge recorded"} <= messages
+    assert "charge recorded" in messages
     assert not any("password123" in json.dumps(line) for line in lines)
     stopped = {line["service"] for line in lines if line["message"] == "stopped"}
     assert stopped == set(SERVICES)

@@ -69,7 +69,7 @@ class Consumer(Generic[P]):
         handler: Handler[P],
         *,
         batch_handler: BatchHandler[P] | None = None,
-        batches_in_flight: int = 2,
+        batches_in_flight: int = 4,
         prefetch: int | None = None,
         retry_backoff_seconds: float = 0.5,
         max_retry_backoff_seconds: float = 10.0,
