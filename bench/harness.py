@@ -108,12 +108,7 @@ class Process:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the process has used so far (0 once it is gone)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        # After the command name: state is field 3, utime 14 and stime 15 (1-based).
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _proc_cpu_seconds(self.pid)
 
     def terminate(self) -> None:
         if self.popen.poll() is None:
@@ -135,6 +130,46 @@ def _answers_ready(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    try:
+        head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except OSError:
+        return None
+    return head.split("(", 1)[1], tail.split()
+
+
+def _proc_cpu_seconds(pid: int | str, *, with_children: bool = False) -> float:
+    stat = _proc_stat(pid)
+    if stat is None:
+        return 0.0
+    fields = stat[1]
+    # After the command name: utime, stime, cutime, cstime are fields 14-17 (1-based).
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# The shared servers, by their command name. Machine-wide: other work on the machine
+# shows up here too, so these are indications, not the scenario's own figures.
+_SERVERS = {"postgres": "postgres", "beam.smp": "rabbitmq"}
+
+
+def server_cpu_seconds() -> dict[str, float]:
+    """CPU seconds PostgreSQL (every backend, and those already gone) and RabbitMQ used."""
+    used = dict.fromkeys(_SERVERS.values(), 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(entry.name)
+        if stat is None or stat[0] not in _SERVERS:
+            continue
+        # A backend's time moves to the postmaster (its parent) when it exits.
+        parent_is_server = (_proc_stat(stat[1][1]) or ("",))[0] == stat[0]
+        used[_SERVERS[stat[0]]] += _proc_cpu_seconds(entry.name, with_children=not parent_is_server)
+    return used
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -218,11 +253,14 @@ class Stack:
         return process
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds used so far by each running process of the stack, by name."""
+        """CPU seconds used so far by each running process of the stack, by name, and by
+        the shared PostgreSQL and RabbitMQ servers."""
         used: dict[str, float] = {}
         for process in self.processes:
             key = process.name if process.name not in used else f"{process.name}-{process.pid}"
             used[key] = process.cpu_seconds()
+        for name, seconds in server_cpu_seconds().items():
+            used[f"{name} (machine-wide)"] = seconds
         return used
 
     @staticmethod

@@ -35,9 +35,11 @@ import aio_pika
 import aiohttp
 import asyncpg
 from aiohttp import web
+from pydantic_settings import BaseSettings
 
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import Envelope, PaymentRequested, WebhookReceived, encode, wrap
+from libs.common.settings import BrokerSettings, PaymentsSettings, WebhooksSettings
 
 SAMPLE_WEBHOOK = (
     b'{"event_id":"evt_0123456789abcdef01234567","event_type":"payment.completed",'
@@ -252,6 +254,20 @@ async def reconcile(provider_url: str, concurrency: int, min_age_seconds: int) -
     return {"checked": len(rows), "settled": settled, "elapsed_s": time.perf_counter() - started}
 
 
+# Who consumes each queue, so the baseline holds as much work at once as that service.
+CONSUMERS: dict[str, type[BaseSettings]] = {
+    "payment-requested": PaymentsSettings,
+    "webhook-received": WebhooksSettings,
+}
+
+
+def _default(settings: type[BaseSettings], name: str) -> int:
+    value = settings.model_fields[name].default
+    if not isinstance(value, int):
+        raise TypeError(f"{settings.__name__}.{name} has no integer default")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -261,8 +277,9 @@ def main() -> None:
     c = modes.add_parser("consume")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--queue", default="payment-requested", help="the queue's purpose name")
-    c.add_argument("--prefetch", type=int, default=32)
-    c.add_argument("--pool", type=int, default=10)
+    # Default: the prefetch and pool of the service consuming that queue.
+    c.add_argument("--prefetch", type=int)
+    c.add_argument("--pool", type=int)
     f = modes.add_parser("provider")
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--delay-ms", type=int, default=20)
@@ -274,7 +291,10 @@ def main() -> None:
     if args.mode == "publish":
         asyncio.run(publish(args.port, args.routing_key))
     elif args.mode == "consume":
-        asyncio.run(consume(args.port, args.queue, args.prefetch, args.pool))
+        service = CONSUMERS.get(args.queue, BrokerSettings)
+        prefetch = args.prefetch or _default(service, "consumer_prefetch")
+        pool = args.pool or _default(service, "db_pool_max_size")
+        asyncio.run(consume(args.port, args.queue, prefetch, pool))
     elif args.mode == "provider":
         asyncio.run(provider(args.port, args.delay_ms))
     else:
