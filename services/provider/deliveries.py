@@ -272,7 +272,8 @@ async def _record(db: Database, sql: str, *args: object) -> None:
     async def record(conn: Connection) -> str:
         return await conn.execute(sql, *args)
 
-    if await db.transaction(record) == "UPDATE 0":
+    # One UPDATE: atomic on its own, no BEGIN/COMMIT round trips.
+    if await db.statement(record) == "UPDATE 0":
         # The claim expired and another worker took the delivery over: its record wins.
         # (Or a lost COMMIT was retried after it had in fact committed: same outcome.)
         log.warning("webhook attempt outlived its claim", extra={"event_id": args[0]})

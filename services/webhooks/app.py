@@ -35,6 +35,7 @@ def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) 
             lambda topology: topology.webhook_received,
             WebhookReceived,
             lambda app: WebhookIntake(app[DATABASE]).handle,
+            make_batch_handler=lambda app: WebhookIntake(app[DATABASE]).handle_batch,
             shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )

@@ -1,9 +1,12 @@
 """What the webhooks service does with a verified provider callback.
 
-One transaction per message: claim the message in the inbox, store the event once
-(keyed by provider and provider event id; a repeat only bumps its duplicate count), and
-apply it to the payment through the shared state machine. So a redelivered message or a
-resent webhook never applies twice, and an event is never applied without being stored.
+One transaction per batch of messages (a batch of one when the consumer retries them
+one by one): claim the messages in the inbox, store each event once (keyed by provider
+and provider event id; a repeat only bumps its duplicate count), and apply the new ones
+to their payments through the shared state machine, all payments of the batch in one
+statement. So a redelivered message or a resent webhook never applies twice, and an
+event is never applied without being stored. A few statements per batch, whatever its
+size: that is what lets one process keep up with the provider's webhooks.
 
 What can become of an event:
 - applied: the payment moved;
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 from asyncpg import Record
@@ -29,7 +33,7 @@ from libs.common.broker.consumer import PoisonMessage
 from libs.common.db import Connection, Database
 from libs.common.inbox import Inbox
 from libs.common.messages import Envelope, WebhookReceived
-from libs.common.state_machine import apply_transition
+from libs.common.state_machine import Transition, TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from libs.common.webhook_events import InvalidEvent, ProviderEvent, parse_event
 from services.webhooks.metrics import WEBHOOK_EVENTS
@@ -46,95 +50,213 @@ class WebhookIntake:
     db: Database
 
     async def handle(self, envelope: Envelope[WebhookReceived]) -> None:
-        try:
-            event = parse_event(envelope.payload.raw_body)
-        except InvalidEvent as exc:
-            # The gateway checked the same; a body that fails here cannot succeed later.
-            raise PoisonMessage(f"unreadable webhook body: {exc.message}") from exc
-        outcome = await self.db.transaction(lambda conn: record_and_apply(conn, envelope, event))
-        WEBHOOK_EVENTS.labels(outcome=outcome).inc()
-        log.info(
-            "webhook event handled",
-            extra={"event_id": str(event.id), "event_type": event.event_type, "outcome": outcome},
-        )
+        await self.handle_batch([envelope])
+
+    async def handle_batch(self, envelopes: Sequence[Envelope[WebhookReceived]]) -> None:
+        received = []
+        for envelope in envelopes:
+            try:
+                received.append((envelope, parse_event(envelope.payload.raw_body)))
+            except InvalidEvent as exc:
+                # The gateway checked the same; a body that fails here cannot succeed later.
+                raise PoisonMessage(f"unreadable webhook body: {exc.message}") from exc
+        outcomes = await self.db.transaction(lambda conn: record_and_apply(conn, received))
+        for (_, event), outcome in zip(received, outcomes, strict=True):
+            WEBHOOK_EVENTS.labels(outcome=outcome).inc()
+            log.info(
+                "webhook event handled",
+                extra={
+                    "event_id": str(event.id),
+                    "event_type": event.event_type,
+                    "outcome": outcome,
+                },
+            )
+
+
+_CLAIM_SQL = """
+INSERT INTO webhooks.inbox (consumer, message_id, message_type)
+SELECT $1, message_id, $2 FROM unnest($3::uuid[]) AS m(message_id)
+ON CONFLICT DO NOTHING
+RETURNING message_id
+"""
+
+_STORE_SQL = """
+INSERT INTO webhooks.webhook_events
+    (id, provider, provider_event_id, event_type, claimed_payment_id, raw_body,
+     headers, signature_scheme, received_at, verified_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
+                     $7::jsonb[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+ON CONFLICT (provider, provider_event_id) DO NOTHING
+RETURNING id
+"""
+
+_DUPLICATES_SQL = """
+UPDATE webhooks.webhook_events AS e
+   SET duplicates = e.duplicates + d.n, last_duplicate_at = now()
+  FROM unnest($1::uuid[], $2::int[]) AS d(id, n)
+ WHERE e.id = d.id
+"""
 
 
 async def record_and_apply(
-    conn: Connection, envelope: Envelope[WebhookReceived], event: ProviderEvent
-) -> str:
-    if not await INBOX.claim(conn, envelope):
-        return "redelivered"
-    received = envelope.payload
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO webhooks.webhook_events
-            (id, provider, provider_event_id, event_type, claimed_payment_id, raw_body,
-             headers, signature_scheme, received_at, verified_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-        ON CONFLICT (provider, provider_event_id) DO NOTHING
-        RETURNING true
-        """,
-        event.id,
-        event.provider,
-        event.provider_event_id,
-        event.event_type,
-        event.claimed_payment_id,
-        received.raw_body,
-        received.headers,
-        received.signature_scheme,
-        received.received_at,
-        received.verified_at,
-    )
-    if not inserted:
-        await conn.execute(
-            "UPDATE webhooks.webhook_events"
-            " SET duplicates = duplicates + 1, last_duplicate_at = now() WHERE id = $1",
-            event.id,
+    conn: Connection, received: Sequence[tuple[Envelope[WebhookReceived], ProviderEvent]]
+) -> list[str]:
+    """Store each message's event once and apply the new ones; each message's outcome.
+
+    A few statements for the whole batch, inside the caller's transaction."""
+    claimed = {
+        row["message_id"]
+        for row in await conn.fetch(
+            _CLAIM_SQL,
+            INBOX.consumer,
+            WebhookReceived.TYPE,
+            [envelope.message_id for envelope, _ in received],
         )
-        return "duplicate"
-    return await apply_event(conn, event)
+    }
+    # The first message carrying an event stores it; any other is a duplicate of it.
+    first: dict[uuid.UUID, tuple[Envelope[WebhookReceived], ProviderEvent]] = {}
+    for envelope, event in received:
+        if envelope.message_id in claimed:
+            first.setdefault(event.id, (envelope, event))
+    new = list(first.values())
+    stored = {
+        row["id"]
+        for row in await conn.fetch(
+            _STORE_SQL,
+            [event.id for _, event in new],
+            [event.provider for _, event in new],
+            [event.provider_event_id for _, event in new],
+            [event.event_type for _, event in new],
+            [event.claimed_payment_id for _, event in new],
+            [envelope.payload.raw_body for envelope, _ in new],
+            [envelope.payload.headers for envelope, _ in new],
+            [envelope.payload.signature_scheme for envelope, _ in new],
+            [envelope.payload.received_at for envelope, _ in new],
+            [envelope.payload.verified_at for envelope, _ in new],
+        )
+    }
+    applied = dict(
+        zip(
+            [event.id for _, event in new if event.id in stored],
+            await apply_events(conn, [event for _, event in new if event.id in stored]),
+            strict=True,
+        )
+    )
+    outcomes: list[str] = []
+    duplicates: dict[uuid.UUID, int] = {}
+    seen: set[uuid.UUID] = set()
+    for envelope, event in received:
+        if envelope.message_id not in claimed or envelope.message_id in seen:
+            outcomes.append("redelivered")
+            seen.add(envelope.message_id)
+            continue
+        seen.add(envelope.message_id)
+        if first[event.id][0] is envelope and event.id in applied:
+            outcomes.append(applied[event.id])
+        else:
+            duplicates[event.id] = duplicates.get(event.id, 0) + 1
+            outcomes.append("duplicate")
+    if duplicates:
+        await conn.execute(_DUPLICATES_SQL, list(duplicates), list(duplicates.values()))
+    return outcomes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Decision:
+    status: str
+    error: str | None = None
+    payment_id: uuid.UUID | None = None
+    # The move to make, when the event is to be applied.
+    move: TransitionRequest | None = None
+
+
+_PAYMENTS_SQL = """
+SELECT id, reference, provider, provider_reference FROM payments.payments
+ WHERE id = ANY($1::uuid[])
+"""
+
+_RECORD_SQL = """
+UPDATE webhooks.webhook_events AS e
+   SET status = o.status, error = o.error, payment_id = o.payment_id, processed_at = now(),
+       attempts = e.attempts + 1,
+       next_attempt_at = CASE
+           WHEN o.status = 'orphaned' AND e.attempts + 1 < $5
+           THEN now() + make_interval(secs => least(power(2, e.attempts + 1), $6))
+       END
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS o(id, status, error, payment_id)
+ WHERE e.id = o.id
+"""
 
 
 async def apply_event(conn: Connection, event: ProviderEvent) -> str:
     """Apply a stored event to its payment and record the outcome on the event."""
-    status, error, payment_id = await _decide(conn, event)
+    (outcome,) = await apply_events(conn, [event])
+    return outcome
+
+
+async def apply_events(conn: Connection, events: Sequence[ProviderEvent]) -> list[str]:
+    """Apply stored events to their payments and record each outcome on its event."""
+    if not events:
+        return []
+    ids = [event.payment_id for event in events if event.payment_id is not None]
+    payments = {row["id"]: row for row in await conn.fetch(_PAYMENTS_SQL, ids)}
+    decisions = [await _decide(conn, event, payments) for event in events]
+    # One move per payment per statement: a payment's second event waits for the next round.
+    pending = [i for i, d in enumerate(decisions) if d.move is not None]
+    while pending:
+        this_round: dict[uuid.UUID, int] = {}
+        later: list[int] = []
+        for i in pending:
+            move = decisions[i].move
+            if move is not None and move.payment_id not in this_round:
+                this_round[move.payment_id] = i
+            else:
+                later.append(i)
+        moves = [decisions[i].move for i in this_round.values()]
+        results = await apply_transitions(conn, [m for m in moves if m is not None])
+        for i, transition in zip(this_round.values(), results, strict=True):
+            decisions[i] = _outcome(events[i], transition)
+        pending = later
     await conn.execute(
-        """
-        UPDATE webhooks.webhook_events
-           SET status = $2, error = $3, payment_id = $4, processed_at = now(),
-               attempts = attempts + 1,
-               next_attempt_at = CASE
-                   WHEN $2 = 'orphaned' AND attempts + 1 < $5
-                   THEN now() + make_interval(secs => least(power(2, attempts + 1), $6))
-               END
-         WHERE id = $1
-        """,
-        event.id,
-        status,
-        error,
-        payment_id,
+        _RECORD_SQL,
+        [event.id for event in events],
+        [d.status for d in decisions],
+        [d.error for d in decisions],
+        [d.payment_id for d in decisions],
         ORPHAN_ATTEMPTS,
         MAX_ORPHAN_DELAY_SECONDS,
     )
-    return status
+    return [d.status for d in decisions]
+
+
+def _outcome(event: ProviderEvent, transition: Transition) -> _Decision:
+    if not transition.found:
+        # Deleted since we looked: as if it never came.
+        return _Decision("orphaned", f"no payment {transition.payment_id} (yet)")
+    if transition.applied:
+        return _Decision("applied", None, transition.payment_id)
+    return _Decision(
+        "refused",
+        f"not allowed from {transition.from_status} to {transition.to_status}",
+        transition.payment_id,
+    )
 
 
 async def _decide(
-    conn: Connection, event: ProviderEvent
-) -> tuple[str, str | None, uuid.UUID | None]:
+    conn: Connection, event: ProviderEvent, payments: dict[uuid.UUID, Record]
+) -> _Decision:
     target, payment_id = event.target, event.payment_id
     if target is None:
-        return "ignored", f"event type {event.event_type!r} is not one this platform acts on", None
+        return _Decision(
+            "ignored", f"event type {event.event_type!r} is not one this platform acts on"
+        )
     if payment_id is None:
-        return "rejected", f"payment_id {event.claimed_payment_id!r} is not a UUID", None
-    payment = await conn.fetchrow(
-        "SELECT reference, provider, provider_reference FROM payments.payments WHERE id = $1",
-        payment_id,
-    )
+        return _Decision("rejected", f"payment_id {event.claimed_payment_id!r} is not a UUID")
+    payment = payments.get(payment_id)
     if payment is None:
-        return "orphaned", f"no payment {payment_id} (yet)", None
+        return _Decision("orphaned", f"no payment {payment_id} (yet)")
     if event.reference != payment["reference"]:
-        return (
+        return _Decision(
             "rejected",
             f"data.reference {event.reference!r} does not match the payment's"
             f" {payment['reference']!r}",
@@ -142,21 +264,18 @@ async def _decide(
         )
     conflict = await _charge_conflict(conn, payment_id, payment, event.provider_reference)
     if conflict:
-        return "rejected", conflict, payment_id
-    transition = await apply_transition(
-        conn,
+        return _Decision("rejected", conflict, payment_id)
+    move = TransitionRequest(
         payment_id,
         target,
-        source=TransitionSource.WEBHOOK,
+        TransitionSource.WEBHOOK,
         reason=f"webhook {event.provider}:{event.provider_event_id}",
         provider_reference=event.provider_reference,
         failure_reason=(event.decline_reason or "declined by the provider")
         if target is PaymentStatus.FAILED
         else None,
     )
-    if transition.applied:
-        return "applied", None, payment_id
-    return "refused", f"not allowed from {transition.from_status} to {target}", payment_id
+    return _Decision("applying", None, payment_id, move)
 
 
 async def _charge_conflict(

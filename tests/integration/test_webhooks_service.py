@@ -3,8 +3,9 @@
 `WebhookIntake.handle` and `retry_orphans` are called directly (no broker): what they
 store in webhooks.webhook_events, what they do to payments.payments, and the audit rows
 they leave in payments.payment_events. The last test delivers a payment's events in
-every order hypothesis can think of, with duplicates, and checks that the payment ends
-where in-order delivery leaves it: the state machine never goes backwards.
+every order hypothesis can think of, with duplicates, one by one or in batches of any
+size, and checks that the payment ends where in-order delivery leaves it: the state
+machine never goes backwards.
 """
 
 from __future__ import annotations
@@ -216,6 +217,34 @@ async def test_resent_body_is_a_duplicate_and_redelivery_changes_nothing(db: Dat
     assert await handle(db, resent) == "redelivered"
     assert await handle(db, first) == "redelivered"
     assert await snapshot(db) == before
+
+
+async def test_one_batch_sorts_out_resends_redeliveries_and_several_payments(
+    db: Database,
+) -> None:
+    """What one batch holds is handled as if its messages came one after the other."""
+    one, two, orphan = await add_payment(db), await add_payment(db), uuid.uuid4()
+    first = received(webhook_body(str(one.id), one.reference))
+    resent = received(webhook_body(str(one.id), one.reference))
+    wrong = received(webhook_body(str(two.id), "PAY-NOT-ITS-OWN"))
+    settles_two = received(webhook_body(str(two.id), two.reference, "payment.failed"))
+    early = received(webhook_body(str(orphan), "PAY-NOT-YET"))
+    before = _outcome_counts()
+
+    await WebhookIntake(db).handle_batch([first, resent, first, wrong, settles_two, early])
+
+    assert _counted_since(before) == {
+        "applied": 2,
+        "duplicate": 1,
+        "redelivered": 1,
+        "rejected": 1,
+        "orphaned": 1,
+    }
+    assert (await payment_row(db, one.id))["status"] == "completed"
+    assert (await payment_row(db, two.id))["status"] == "failed"
+    by_payment = {e["claimed_payment_id"]: e for e in await events(db) if e["duplicates"]}
+    assert by_payment[str(one.id)]["duplicates"] == 1
+    assert await audit(db, one.id) == [CREATED, ("pending", "completed", True, "webhook")]
 
 
 async def test_event_id_identifies_the_event_whatever_the_bytes(db: Database) -> None:
@@ -517,17 +546,30 @@ LIFECYCLES = (
 )
 
 
+Case = tuple[tuple[PaymentStatus, ...], list[int], list[int]]
+
+
 @st.composite
-def deliveries(draw: st.DrawFn) -> tuple[tuple[PaymentStatus, ...], list[int]]:
-    """A lifecycle, and the order its events arrive in (by index, repeats = resends)."""
+def deliveries(draw: st.DrawFn) -> Case:
+    """A lifecycle, the order its events arrive in (by index, repeats = resends), and how
+    the consumer groups them into batches (sizes; 1s are the one-by-one path)."""
     lifecycle = draw(st.sampled_from(LIFECYCLES))
     resends = draw(st.lists(st.integers(0, len(lifecycle) - 1), max_size=6))
-    order = draw(st.permutations([*range(len(lifecycle)), *resends]))
-    return lifecycle, list(order)
+    order = list(draw(st.permutations([*range(len(lifecycle)), *resends])))
+    sizes: list[int] = []
+    while sum(sizes) < len(order):
+        sizes.append(draw(st.integers(1, len(order) - sum(sizes))))
+    return lifecycle, order, sizes
 
 
-async def deliver(db: Database, lifecycle: tuple[PaymentStatus, ...], order: list[int]) -> Payment:
-    """A new payment, then its lifecycle's events (one event id each) in `order`."""
+async def deliver(
+    db: Database,
+    lifecycle: tuple[PaymentStatus, ...],
+    order: list[int],
+    batch_sizes: list[int] | None = None,
+) -> Payment:
+    """A new payment, then its lifecycle's events (one event id each) in `order`, in
+    batches of `batch_sizes` (one by one without)."""
     payment = await add_payment(db)
     bodies = [
         webhook_body(
@@ -540,8 +582,10 @@ async def deliver(db: Database, lifecycle: tuple[PaymentStatus, ...], order: lis
         for i, status in enumerate(lifecycle)
     ]
     intake = WebhookIntake(db)
-    for index in order:
-        await intake.handle(received(bodies[index]))
+    messages = [received(bodies[index]) for index in order]
+    for size in batch_sizes or [1] * len(messages):
+        batch, messages = messages[:size], messages[size:]
+        await intake.handle_batch(batch)
     return payment
 
 
@@ -551,12 +595,12 @@ async def deliver(db: Database, lifecycle: tuple[PaymentStatus, ...], order: lis
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(case=deliveries())
-async def test_any_order_with_duplicates_ends_where_in_order_delivery_does(
-    db: Database, case: tuple[tuple[PaymentStatus, ...], list[int]]
+async def test_any_order_with_duplicates_in_any_batches_ends_where_in_order_delivery_does(
+    db: Database, case: Case
 ) -> None:
-    lifecycle, order = case
+    lifecycle, order, batch_sizes = case
     in_order = await deliver(db, lifecycle, list(range(len(lifecycle))))
-    payment = await deliver(db, lifecycle, order)
+    payment = await deliver(db, lifecycle, order, batch_sizes)
 
     final = (await payment_row(db, payment.id))["status"]
     assert final == (await payment_row(db, in_order.id))["status"] == lifecycle[-1]
