@@ -32,6 +32,7 @@ from asyncpg import Record
 from libs.common.broker.consumer import PoisonMessage
 from libs.common.db import Connection, Database
 from libs.common.inbox import Inbox
+from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, WebhookReceived
 from libs.common.state_machine import Transition, TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
@@ -61,16 +62,17 @@ class WebhookIntake:
                 # The gateway checked the same; a body that fails here cannot succeed later.
                 raise PoisonMessage(f"unreadable webhook body: {exc.message}") from exc
         outcomes = await self.db.transaction(lambda conn: record_and_apply(conn, received))
-        for (_, event), outcome in zip(received, outcomes, strict=True):
+        for (envelope, event), outcome in zip(received, outcomes, strict=True):
             WEBHOOK_EVENTS.labels(outcome=outcome).inc()
-            log.info(
-                "webhook event handled",
-                extra={
-                    "event_id": str(event.id),
-                    "event_type": event.event_type,
-                    "outcome": outcome,
-                },
-            )
+            with correlation_scope(envelope.correlation_id):
+                log.info(
+                    "webhook event handled",
+                    extra={
+                        "event_id": str(event.id),
+                        "event_type": event.event_type,
+                        "outcome": outcome,
+                    },
+                )
 
 
 _CLAIM_SQL = """
@@ -135,10 +137,16 @@ async def record_and_apply(
             [envelope.payload.verified_at for envelope, _ in new],
         )
     }
+    to_apply = [(envelope, event) for envelope, event in new if event.id in stored]
     applied = dict(
         zip(
-            [event.id for _, event in new if event.id in stored],
-            await apply_events(conn, [event for _, event in new if event.id in stored]),
+            [event.id for _, event in to_apply],
+            await apply_events(
+                conn,
+                [event for _, event in to_apply],
+                # Each audit row under the correlation id of the request that caused it.
+                correlation_ids=[envelope.correlation_id for envelope, _ in to_apply],
+            ),
             strict=True,
         )
     )
@@ -194,13 +202,25 @@ async def apply_event(conn: Connection, event: ProviderEvent) -> str:
     return outcome
 
 
-async def apply_events(conn: Connection, events: Sequence[ProviderEvent]) -> list[str]:
-    """Apply stored events to their payments and record each outcome on its event."""
+async def apply_events(
+    conn: Connection,
+    events: Sequence[ProviderEvent],
+    *,
+    correlation_ids: Sequence[str | None] | None = None,
+) -> list[str]:
+    """Apply stored events to their payments and record each outcome on its event.
+
+    The audit rows take `correlation_ids` (one per event), or the current context's."""
     if not events:
         return []
     ids = [event.payment_id for event in events if event.payment_id is not None]
     payments = {row["id"]: row for row in await conn.fetch(_PAYMENTS_SQL, ids)}
-    decisions = [await _decide(conn, event, payments) for event in events]
+    decisions = [
+        await _decide(conn, event, payments, correlation_id)
+        for event, correlation_id in zip(
+            events, correlation_ids or [None] * len(events), strict=True
+        )
+    ]
     # One move per payment per statement: a payment's second event waits for the next round.
     pending = [i for i, d in enumerate(decisions) if d.move is not None]
     while pending:
@@ -243,7 +263,10 @@ def _outcome(event: ProviderEvent, transition: Transition) -> _Decision:
 
 
 async def _decide(
-    conn: Connection, event: ProviderEvent, payments: dict[uuid.UUID, Record]
+    conn: Connection,
+    event: ProviderEvent,
+    payments: dict[uuid.UUID, Record],
+    correlation_id: str | None,
 ) -> _Decision:
     target, payment_id = event.target, event.payment_id
     if target is None:
@@ -274,6 +297,7 @@ async def _decide(
         failure_reason=(event.decline_reason or "declined by the provider")
         if target is PaymentStatus.FAILED
         else None,
+        correlation_id=correlation_id,
     )
     return _Decision("applying", None, payment_id, move)
 

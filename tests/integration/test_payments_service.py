@@ -141,3 +141,32 @@ async def test_unreachable_provider_leaves_the_payment_pending(
     payment = await payment_row(db, envelope.payload.payment_id)
     assert payment["status"] == "pending"
     assert payment["provider_reference"] is None
+
+
+async def test_a_batch_stores_and_charges_each_payment_once_under_its_own_correlation_id(
+    db: Database, provider_url: str, http: aiohttp.ClientSession
+) -> None:
+    intake = PaymentIntake(db, ProviderClient(http, provider_url, timeout_seconds=5))
+    fresh = [requested() for _ in range(5)]
+    declined = requested(customer_id="decline-me")
+    already = requested()
+    await intake.handle(already)
+
+    # A redelivered message, a message twice in one batch, a decline, new payments.
+    await intake.handle_batch([*fresh, fresh[0], declined, already])
+
+    for envelope in [*fresh, already]:
+        assert (await payment_row(db, envelope.payload.payment_id))["status"] == "processing"
+        assert await charges(db, envelope.payload.payment_id) == 1
+    assert (await payment_row(db, declined.payload.payment_id))["status"] == "failed"
+    for envelope in [*fresh, declined]:
+        trail = await db.fetch(
+            "SELECT from_status, to_status, correlation_id FROM payments.payment_events"
+            " WHERE payment_id = $1 ORDER BY id",
+            envelope.payload.payment_id,
+        )
+        assert [(r["from_status"], r["to_status"]) for r in trail] == [
+            (None, "pending"),
+            ("pending", "processing" if envelope is not declined else "failed"),
+        ]
+        assert {r["correlation_id"] for r in trail} == {envelope.correlation_id}

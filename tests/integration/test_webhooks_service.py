@@ -245,6 +245,15 @@ async def test_one_batch_sorts_out_resends_redeliveries_and_several_payments(
     by_payment = {e["claimed_payment_id"]: e for e in await events(db) if e["duplicates"]}
     assert by_payment[str(one.id)]["duplicates"] == 1
     assert await audit(db, one.id) == [CREATED, ("pending", "completed", True, "webhook")]
+    # Each audit row carries the correlation id of its own message, not the batch's.
+    for payment, message in ((one, first), (two, settles_two)):
+        traced = await db.fetchrow(
+            "SELECT correlation_id FROM payments.payment_events"
+            " WHERE payment_id = $1 AND source = 'webhook'",
+            payment.id,
+        )
+        assert traced is not None
+        assert traced["correlation_id"] == message.correlation_id
 
 
 async def test_event_id_identifies_the_event_whatever_the_bytes(db: Database) -> None:
