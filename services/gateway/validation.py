@@ -45,6 +45,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# Built once: json.loads with options builds a new decoder on every call.
+_DECODER = json.JSONDecoder(
+    parse_float=Decimal,
+    parse_int=Decimal,
+    parse_constant=_refuse_constant,
+    object_pairs_hook=_unique_keys,
+)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a UTF-8 JSON object with exact numbers; ApiError(400) otherwise."""
     try:
@@ -52,13 +61,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_encoding", "The body must be UTF-8 encoded JSON.") from None
     try:
-        value = json.loads(
-            text,
-            parse_float=Decimal,
-            parse_int=Decimal,
-            parse_constant=_refuse_constant,
-            object_pairs_hook=_unique_keys,
-        )
+        value = _DECODER.decode(text)
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {exc}.") from None
     if not isinstance(value, dict):
