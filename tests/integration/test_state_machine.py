@@ -10,7 +10,12 @@ import pytest
 
 from libs.common.db import Connection, Database
 from libs.common.logs import correlation_scope
-from libs.common.state_machine import apply_transition, record_creation
+from libs.common.state_machine import (
+    TransitionRequest,
+    apply_transition,
+    apply_transitions,
+    record_creation,
+)
 from libs.common.states import PaymentStatus, TransitionSource
 
 P = PaymentStatus
@@ -86,6 +91,47 @@ async def test_transition(db: Database, from_status: P, to_status: P) -> None:
         assert audit["reason"] == "event e1"
     else:
         assert audit["reason"] == f"refused: not allowed from {from_status}; event e1"
+
+
+async def test_all_pairs_in_one_batch_follow_the_same_rules(db: Database) -> None:
+    """apply_transitions with many payments: the same outcome, status and audit row as
+    one at a time, for all 25 pairs at once."""
+    payments = {pair: await insert_payment(db, pair[0]) for pair in ALL_PAIRS}
+    requests = [
+        TransitionRequest(
+            payment_id,
+            to_status,
+            TransitionSource.WEBHOOK,
+            reason="event e1",
+            correlation_id=f"corr-{from_status}-{to_status}",
+        )
+        for (from_status, to_status), payment_id in payments.items()
+    ]
+
+    results = await db.transaction(lambda conn: apply_transitions(conn, requests))
+
+    assert [r.payment_id for r in results] == list(payments.values())
+    for ((from_status, to_status), payment_id), result in zip(
+        payments.items(), results, strict=True
+    ):
+        allowed = (from_status, to_status) in ALLOWED
+        assert result.applied is allowed
+        assert result.from_status is from_status
+        assert await status_of(db, payment_id) is (to_status if allowed else from_status)
+        [audit] = await audit_of(db, payment_id)
+        assert (audit["from_status"], audit["to_status"]) == (from_status, to_status)
+        assert audit["applied"] is allowed
+        assert audit["correlation_id"] == f"corr-{from_status}-{to_status}"
+        assert audit["reason"] == (
+            "event e1" if allowed else f"refused: not allowed from {from_status}; event e1"
+        )
+
+
+async def test_a_batch_refuses_two_moves_of_one_payment(db: Database) -> None:
+    payment_id = await insert_payment(db)
+    twice = [TransitionRequest(payment_id, P.COMPLETED, TransitionSource.WEBHOOK)] * 2
+    with pytest.raises(ValueError, match="at most one transition per payment"):
+        await db.transaction(lambda conn: apply_transitions(conn, twice))
 
 
 async def test_transition_sets_provider_fields_only_when_applied(db: Database) -> None:
