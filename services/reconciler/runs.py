@@ -7,9 +7,10 @@ as `skipped`.
 
 The run walks payments that have been `pending` or `processing` for longer than the
 minimum age, oldest first, in batches, asking the provider with bounded concurrency.
-What it learns goes through the shared state machine (source `reconciler`), each
-payment in its own transaction together with the run's item row, so a webhook that
-lands meanwhile simply wins and the reconciler's late verdict is refused, not applied.
+What it learns about a batch goes through the shared state machine (source
+`reconciler`) in one transaction, with the run's item rows: one statement moves the
+batch's payments, one records the items. A webhook that lands meanwhile simply wins and
+the reconciler's late verdict is refused, not applied.
 
 - the provider has a charge: the payment follows it (processing, completed, failed);
 - the provider never saw the payment: submitted again (idempotently, under the payment
@@ -37,7 +38,7 @@ from libs.common.provider_client import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from libs.common.state_machine import apply_transition
+from libs.common.state_machine import TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from services.reconciler.metrics import (
     LAST_SUCCESSFUL_RUN,
@@ -159,22 +160,23 @@ class Reconciler:
     async def _walk(self, summary: RunSummary) -> None:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.policy.min_age_seconds)
         gate = asyncio.Semaphore(self.policy.concurrency)
+
+        async def check(candidate: _Candidate) -> _Move | None:
+            async with gate:
+                return await self._check(summary, candidate)
+
         position: tuple[dt.datetime, uuid.UUID] | None = None
         while True:
             batch, position = await self._next_batch(cutoff, position)
             if not batch:
                 return
 
-            async def check(candidate: _Candidate) -> None:
-                async with gate:
-                    await self._settle(summary, candidate)
-
             # A TaskGroup, not gather: if one check fails unexpectedly, the others are
             # cancelled before the run is recorded as failed and its lock released, so no
-            # orphaned check goes on settling payments after the run is over.
+            # orphaned check goes on asking the provider after the run is over.
             async with asyncio.TaskGroup() as group:
-                for candidate in batch:
-                    group.create_task(check(candidate))
+                checks = [group.create_task(check(candidate)) for candidate in batch]
+            await self._settle(summary, [move for c in checks if (move := c.result())])
 
     async def _next_batch(
         self, cutoff: dt.datetime, after: tuple[dt.datetime, uuid.UUID] | None
@@ -210,24 +212,29 @@ class Reconciler:
         last = (rows[-1]["created_at"], rows[-1]["id"]) if rows else after
         return batch, last
 
-    async def _settle(self, summary: RunSummary, payment: _Candidate) -> None:
+    async def _check(self, summary: RunSummary, payment: _Candidate) -> _Move | None:
+        """The move the provider's answer calls for, if any."""
         summary.checked += 1
         try:
             target, reason, charge = await self._verdict(payment)
         except (ProviderUnavailable, ProviderRejected) as exc:
             summary.add_error(str(payment.id), str(exc))
-            return
+            return None
         if target is None or target is payment.status:
             summary.unchanged += 1
+            return None
+        return _Move(payment, target, reason, charge)
+
+    async def _settle(self, summary: RunSummary, moves: list[_Move]) -> None:
+        if not moves:
             return
-        applied = await self.db.transaction(
-            lambda conn: _apply(conn, summary.run_id, payment, target, reason, charge)
-        )
-        if applied:
-            summary.updated += 1
-            PAYMENTS_SETTLED.labels(to_status=target.value).inc()
-        else:
-            summary.unchanged += 1
+        applied = await self.db.transaction(lambda conn: _apply(conn, summary.run_id, moves))
+        for move, done in zip(moves, applied, strict=True):
+            if done:
+                summary.updated += 1
+                PAYMENTS_SETTLED.labels(to_status=move.target.value).inc()
+            else:
+                summary.unchanged += 1
 
     async def _verdict(
         self, payment: _Candidate
@@ -308,35 +315,47 @@ class Reconciler:
         )
 
 
-async def _apply(
-    conn: Connection,
-    run_id: uuid.UUID,
-    payment: _Candidate,
-    target: PaymentStatus,
-    reason: str,
-    charge: Charge | None,
-) -> bool:
-    transition = await apply_transition(
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Move:
+    payment: _Candidate
+    target: PaymentStatus
+    reason: str
+    charge: Charge | None
+
+
+_ITEMS_SQL = """
+INSERT INTO reconciler.reconciliation_items (run_id, payment_id, from_status, to_status, reason)
+SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[])
+"""
+
+
+async def _apply(conn: Connection, run_id: uuid.UUID, moves: list[_Move]) -> list[bool]:
+    """Make the moves (one statement) and record the applied ones as the run's items."""
+    transitions = await apply_transitions(
         conn,
-        payment.id,
-        target,
-        source=TransitionSource.RECONCILER,
-        reason=f"reconciliation {run_id}: {reason}",
-        provider=PROVIDER_NAME if charge else None,
-        provider_reference=charge.id if charge else None,
-        failure_reason=(charge.decline_reason if charge else reason)
-        if target is PaymentStatus.FAILED
-        else None,
+        [
+            TransitionRequest(
+                move.payment.id,
+                move.target,
+                TransitionSource.RECONCILER,
+                reason=f"reconciliation {run_id}: {move.reason}",
+                provider=PROVIDER_NAME if move.charge else None,
+                provider_reference=move.charge.id if move.charge else None,
+                failure_reason=(move.charge.decline_reason if move.charge else move.reason)
+                if move.target is PaymentStatus.FAILED
+                else None,
+            )
+            for move in moves
+        ],
     )
-    if not transition.applied:
-        return False
-    await conn.execute(
-        "INSERT INTO reconciler.reconciliation_items"
-        " (run_id, payment_id, from_status, to_status, reason) VALUES ($1, $2, $3, $4, $5)",
-        run_id,
-        payment.id,
-        transition.from_status,
-        target.value,
-        reason,
-    )
-    return True
+    applied = [(m, t) for m, t in zip(moves, transitions, strict=True) if t.applied]
+    if applied:
+        await conn.execute(
+            _ITEMS_SQL,
+            run_id,
+            [m.payment.id for m, _ in applied],
+            [t.from_status for _, t in applied],
+            [m.target.value for m, _ in applied],
+            [m.reason for m, _ in applied],
+        )
+    return [t.applied for t in transitions]
