@@ -143,7 +143,7 @@ async def run(ctx: Context) -> ScenarioResult:
         await stack.start_service(
             "provider", PROVIDER_WEBHOOK_DELAY_MS=str(DELAY_MS), PROVIDER_DECLINE_RATE="0"
         )
-        payments = await stack.start_service("payments")
+        await stack.start_service("payments")
         await stack.start_service("webhooks")
 
         steps: list[dict[str, Any]] = []
@@ -153,10 +153,14 @@ async def run(ctx: Context) -> ScenarioResult:
         going_down = False
         while queue:
             fraction = queue.pop(0)
-            profiler = ctx.harness.profile(payments, f"e2e-payments-{fraction}")
+            # Every service of the path shares the two cores: profile them all.
+            profilers = {
+                p.name: ctx.harness.profile(p, f"e2e-{p.name}-{fraction}") for p in stack.processes
+            }
             step = await _step(stack, gateway.port, limit * fraction, duration)
-            if profiler is not None:
-                step["profile"] = profiler.stop()
+            profiles = {name: p.stop() for name, p in profilers.items() if p is not None}
+            if profiles:
+                step["profiles"] = profiles
             step["fraction_of_limit"] = fraction
             steps.append(step)
             if step["sustained"]:

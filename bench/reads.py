@@ -50,9 +50,9 @@ STATS_SIZE = "SELECT pg_relation_size('payments.payment_stats')"
 async def _grow(conn: asyncpg.Connection[Any], have: int, want: int) -> dict[str, Any]:
     """Insert payments up to `want`, then vacuum as autovacuum would.
 
-    Each chunk is one statement, so the counter rows the triggers update get a new
-    version per payment inside one transaction; the vacuum that follows (of the counters
-    too) leaves them as many small transactions and autovacuum would.
+    Each chunk is one statement; the statement-level triggers add its rows up and update
+    each counter once. The vacuum that follows (of the counters too) leaves the tables as
+    autovacuum would after many small transactions.
     """
     started = time.perf_counter()
     for low in range(have + 1, want + 1, CHUNK):
