@@ -224,6 +224,7 @@ def consumer_context(
     make_handler: Callable[[web.Application], Handler[P]],
     *,
     make_batch_handler: Callable[[web.Application], BatchHandler[P]] | None = None,
+    batches_in_flight: int = 4,
     shutdown_timeout: float,
 ) -> CleanupContext:
     """Consume `queue` with the handlers built from the app's resources (see Consumer)."""
@@ -236,6 +237,7 @@ def consumer_context(
             payload_type,
             make_handler(app),
             batch_handler=make_batch_handler(app) if make_batch_handler else None,
+            batches_in_flight=batches_in_flight,
         )
         await consumer.start()
         yield

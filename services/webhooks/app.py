@@ -36,6 +36,10 @@ def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) 
             WebhookReceived,
             lambda app: WebhookIntake(app[DATABASE]).handle,
             make_batch_handler=lambda app: WebhookIntake(app[DATABASE]).handle_batch,
+            # Its transactions serialize on the webhook stats counters anyway: a second
+            # batch in flight only waits on their locks (0.53 of the baseline with four
+            # in flight, 0.66 with one, in the webhooks bench).
+            batches_in_flight=1,
             shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )
