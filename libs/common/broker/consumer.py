@@ -96,6 +96,7 @@ class Consumer(Generic[P]):
         self._consumer_tag: str | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._gauge_task: asyncio.Task[None] | None = None
+        self._gauge_channel: AbstractRobustChannel | None = None
         self.depth_interval_seconds = 5.0
 
     async def start(self) -> None:
@@ -107,8 +108,11 @@ class Consumer(Generic[P]):
                 self._form_batches(self.batch_handler), name="batcher"
             )
         self._consumer_tag = await self._amqp_queue.consume(self._on_message)
+        # A channel of its own: aiormq closes a channel whose RPC is cancelled, and the
+        # gauge is cancelled at stop, while in-flight messages still need theirs to ack.
+        self._gauge_channel = await self.broker.new_channel()
         self._gauge_task = asyncio.create_task(
-            self._measure_depth(self._channel), name="queue depth"
+            self._measure_depth(self._gauge_channel), name="queue depth"
         )
         log.info("consuming", extra={"queue": self.queue.name, "prefetch": self.prefetch})
 
@@ -131,6 +135,9 @@ class Consumer(Generic[P]):
             self._gauge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gauge_task
+        if self._gauge_channel is not None and not self._gauge_channel.is_closed:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
+                await self._gauge_channel.close()
         if self._amqp_queue is not None and self._consumer_tag is not None:
             try:
                 await asyncio.wait_for(self._amqp_queue.cancel(self._consumer_tag), grace_seconds)
