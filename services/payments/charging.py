@@ -89,7 +89,8 @@ class PaymentIntake:
         due = [e for e in unique if stored[e.payload.payment_id].status is PaymentStatus.PENDING]
         answers = await asyncio.gather(*(self._charge(envelope) for envelope in due))
         moves = [move for move in answers if move is not None]
-        await self.db.statement(lambda conn: apply_transitions(conn, moves))
+        if moves:
+            await self.db.statement(lambda conn: apply_transitions(conn, moves))
         # One line per payment: each log line costs as much CPU as a tenth of the work.
         for move in moves:
             with correlation_scope(move.correlation_id):
