@@ -7,6 +7,8 @@ handler does nothing; if the transaction rolls back, the claim rolls back with i
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from libs.common.db import Connection
@@ -24,14 +26,23 @@ class Inbox:
         # The schema is one of a fixed set, never user input.
         self._claim_sql = f"""
             INSERT INTO {schema}.inbox (consumer, message_id, message_type)
-            VALUES ($1, $2, $3)
+            SELECT $1, * FROM unnest($2::uuid[], $3::text[])
             ON CONFLICT DO NOTHING
-            RETURNING true
+            RETURNING message_id
         """  # noqa: S608
 
     async def claim(self, conn: Connection, envelope: Envelope[Any]) -> bool:
         """Record `envelope` as processed; False when it already was."""
-        claimed = await conn.fetchval(
-            self._claim_sql, self.consumer, envelope.message_id, envelope.type
+        return envelope.message_id in await self.claim_all(conn, [envelope])
+
+    async def claim_all(
+        self, conn: Connection, envelopes: Sequence[Envelope[Any]]
+    ) -> set[uuid.UUID]:
+        """Record a batch as processed (one statement); the ids that were not already."""
+        rows = await conn.fetch(
+            self._claim_sql,
+            self.consumer,
+            [envelope.message_id for envelope in envelopes],
+            [envelope.type for envelope in envelopes],
         )
-        return claimed is True
+        return {row["message_id"] for row in rows}

@@ -147,6 +147,7 @@ WITH incoming AS (
         AS i(message_id, id, reference, amount_minor, currency, customer_id, description,
              metadata, requested_at, correlation_id)
 ), claimed AS (
+    -- Inbox.claim_all's insert, inlined so that the whole batch is one statement.
     INSERT INTO payments.inbox (consumer, message_id, message_type)
     SELECT $11, message_id, $12 FROM incoming
     ON CONFLICT DO NOTHING

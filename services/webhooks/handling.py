@@ -75,13 +75,6 @@ class WebhookIntake:
                 )
 
 
-_CLAIM_SQL = """
-INSERT INTO webhooks.inbox (consumer, message_id, message_type)
-SELECT $1, message_id, $2 FROM unnest($3::uuid[]) AS m(message_id)
-ON CONFLICT DO NOTHING
-RETURNING message_id
-"""
-
 _STORE_SQL = """
 INSERT INTO webhooks.webhook_events
     (id, provider, provider_event_id, event_type, claimed_payment_id, raw_body,
@@ -106,15 +99,7 @@ async def record_and_apply(
     """Store each message's event once and apply the new ones; each message's outcome.
 
     A few statements for the whole batch, inside the caller's transaction."""
-    claimed = {
-        row["message_id"]
-        for row in await conn.fetch(
-            _CLAIM_SQL,
-            INBOX.consumer,
-            WebhookReceived.TYPE,
-            [envelope.message_id for envelope, _ in received],
-        )
-    }
+    claimed = await INBOX.claim_all(conn, [envelope for envelope, _ in received])
     # The first message carrying an event stores it; any other is a duplicate of it.
     first: dict[uuid.UUID, tuple[Envelope[WebhookReceived], ProviderEvent]] = {}
     for envelope, event in received:
