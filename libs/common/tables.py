@@ -149,7 +149,8 @@ payment_events = Table(
 
 payments_inbox = _inbox(PAYMENTS_SCHEMA)
 
-# Kept by the triggers payments_count_* (migration 0005): /api/payments/stats never scans payments.
+# Kept by the triggers payments_count_* (migrations 0005 and 0006), so that
+# /api/payments/stats never scans payments.
 payment_stats = Table(
     "payment_stats",
     metadata,

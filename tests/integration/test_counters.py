@@ -1,4 +1,4 @@
-"""The stats counters (statement-level triggers, migration 0005) under many-row statements."""
+"""The stats counters (statement-level triggers, migrations 0005, 0006) under big statements."""
 
 from __future__ import annotations
 
@@ -70,12 +70,36 @@ async def test_many_row_statements_keep_the_counters_exact(database_url: str) ->
         await conn.close()
 
 
+async def test_a_connection_counts_into_one_slot(database_url: str) -> None:
+    """Statements from one connection share its counter rows, not one row per payment,
+    so concurrent writers on other connections seldom wait on them."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        ids = await insert_payments(conn, 300, seed=3)
+        await conn.execute(
+            "UPDATE payments.payments SET status = 'processing' WHERE id = ANY($1::uuid[])", ids
+        )
+        rows = await conn.fetch(
+            "SELECT status, currency, count(*) AS slots FROM payments.payment_stats"
+            " GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        assert {(r["status"], r["currency"]) for r in rows} == {
+            (status, currency)
+            for status in ("pending", "processing")
+            for currency in ("EUR", "JPY", "USD")
+        }
+        assert all(r["slots"] == 1 for r in rows)
+        await counters_match_the_table(conn)
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_many_row_statements_do_not_deadlock_on_the_counters(
     db: Database,
 ) -> None:
     """Eight transactions at once, each inserting 40 payments and then moving them.
 
-    Their payments differ but share counter rows (16 slots per status and currency).
+    Their payments differ but may share counter rows (16 slots per status and currency).
     Without retries: a deadlock would surface as an error here."""
 
     async def batch(number: int) -> None:
