@@ -2,11 +2,12 @@
 
 A delivery is claimed in a short transaction that pushes its next_attempt_at past the
 longest an attempt can take, so no other worker (or replica) sees it as due while it is
-being sent, and no transaction stays open across the HTTP call. The outcome is recorded
-afterwards only if the claim is still ours (next_attempt_at unchanged), so a worker that
-was presumed dead can never overwrite what its successor recorded. A worker that dies
-mid-attempt leaves the claim to expire, and the delivery is simply tried again: webhooks
-are at-least-once, and merchants deduplicate on the event id.
+being sent, and no transaction stays open across the HTTP call. A batch is sent at once,
+then its outcomes are recorded in one statement, each only while its claim is still ours
+(next_attempt_at unchanged), so a worker that was presumed dead can never overwrite what
+its successor recorded. A worker that dies mid-attempt leaves the claim to expire, and
+the delivery is simply tried again: webhooks are at-least-once, and merchants
+deduplicate on the event id.
 """
 
 from __future__ import annotations
@@ -91,19 +92,36 @@ UPDATE provider.webhook_deliveries
  WHERE id = ANY($1::text[])
 """
 
-_DELIVERED_SQL = """
-UPDATE provider.webhook_deliveries
-   SET state = 'delivered', attempts = attempts + 1, last_status = $2, last_error = NULL,
-       delivered_at = now()
- WHERE id = $1 AND state = 'pending' AND next_attempt_at = $3
+# Every outcome of a batch in one statement. Each is written only while the claim is
+# still ours (next_attempt_at unchanged); a delivery missing from RETURNING outlived it.
+_RECORD_SQL = """
+UPDATE provider.webhook_deliveries AS d
+   SET state = o.state, attempts = d.attempts + 1, last_status = o.status,
+       last_error = o.error,
+       delivered_at = CASE WHEN o.state = 'delivered' THEN now() ELSE d.delivered_at END,
+       next_attempt_at = CASE
+           WHEN o.state = 'delivered' THEN d.next_attempt_at
+           ELSE now() + make_interval(secs => o.retry_in)
+       END
+  FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::double precision[],
+              $6::timestamptz[]) AS o(id, state, status, error, retry_in, claimed_until)
+ WHERE d.id = o.id AND d.state = 'pending' AND d.next_attempt_at = o.claimed_until
+RETURNING d.id
 """
 
-_FAILED_SQL = """
-UPDATE provider.webhook_deliveries
-   SET state = $4::text, attempts = attempts + 1, last_status = $2, last_error = $3,
-       next_attempt_at = now() + make_interval(secs => $5::double precision)
- WHERE id = $1 AND state = 'pending' AND next_attempt_at = $6
-"""
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Attempt:
+    delivery: _Claimed
+    headers: dict[str, str]
+    status: int | None
+    error: str | None
+    state: str  # delivered, pending (to retry) or failed (given up)
+    retry_in: float
+
+    @property
+    def delivered(self) -> bool:
+        return self.state == "delivered"
 
 
 async def deliver_due(
@@ -163,46 +181,39 @@ async def _gather_attempts(
     policy: RetryPolicy,
     claimed: list[_Claimed],
 ) -> list[str]:
-    results = await asyncio.gather(
-        *(_attempt_in_scope(db, session, simulation, target, policy, d) for d in claimed),
-        return_exceptions=True,
-    )
+    """Send every claimed delivery at once, then record all outcomes in one statement."""
+    attempts = await asyncio.gather(*(_send_one(session, target, policy, d) for d in claimed))
+    try:
+        recorded = await _record(db, attempts) if attempts else set()
+    except Exception as exc:
+        # Most likely the database went away; the claims expire and every delivery of
+        # the batch is attempted again.
+        log.exception(
+            "webhook attempts not recorded",
+            extra={"event_ids": [a.delivery.id for a in attempts], "error": repr(exc)},
+        )
+        return []
     outcomes: list[str] = []
-    for delivery, result in zip(claimed, results, strict=True):
-        if isinstance(result, BaseException):
-            # Most likely the database went away while recording; the claim expires and
-            # the delivery is attempted again.
-            log.error(
-                "webhook attempt not recorded",
-                extra={"event_id": delivery.id, "error": repr(result)},
-                exc_info=result,
-            )
-        else:
-            outcomes.extend(result)
-    return outcomes
+    for attempt in attempts:
+        with correlation_scope(attempt.delivery.correlation_id):
+            if attempt.delivery.id not in recorded:
+                # The claim expired and another worker took the delivery over: its record
+                # wins. (Or a lost COMMIT was retried after it had in fact committed.)
+                log.warning(
+                    "webhook attempt outlived its claim", extra={"event_id": attempt.delivery.id}
+                )
+                continue
+            outcomes.append(_log_outcome(attempt))
+    duplicates = [a for a in attempts if a.delivered and a.delivery.id in recorded]
+    duplicates = [a for a in duplicates if simulation.duplicates()]
+    # The identical request, headers included, as a PSP retrying after a lost 2xx would.
+    await asyncio.gather(*(_send(session, target, a.delivery.body, a.headers) for a in duplicates))
+    return outcomes + ["duplicated"] * len(duplicates)
 
 
-async def _attempt_in_scope(
-    db: Database,
-    session: aiohttp.ClientSession,
-    simulation: Simulation,
-    target: WebhookTarget,
-    policy: RetryPolicy,
-    delivery: _Claimed,
-) -> list[str]:
-    # Log under the correlation id of the request that created the charge.
-    with correlation_scope(delivery.correlation_id):
-        return await _attempt(db, session, simulation, target, policy, delivery)
-
-
-async def _attempt(
-    db: Database,
-    session: aiohttp.ClientSession,
-    simulation: Simulation,
-    target: WebhookTarget,
-    policy: RetryPolicy,
-    delivery: _Claimed,
-) -> list[str]:
+async def _send_one(
+    session: aiohttp.ClientSession, target: WebhookTarget, policy: RetryPolicy, delivery: _Claimed
+) -> _Attempt:
     # A fresh timestamp per attempt, so receivers' replay windows accept retries.
     headers = {
         "Content-Type": "application/json",
@@ -211,40 +222,49 @@ async def _attempt(
     if delivery.correlation_id:
         headers[CORRELATION_HEADER] = delivery.correlation_id
     status, error = await _send(session, target, delivery.body, headers)
-    attempt = delivery.attempts + 1
     if status is not None and 200 <= status < 300:
-        await _record(db, _DELIVERED_SQL, delivery.id, status, delivery.claimed_until)
-        log.info("webhook delivered", extra={"event_id": delivery.id, "attempt": attempt})
-        outcomes = ["delivered"]
-        if simulation.duplicates():
-            # The identical request, headers included, as a PSP retrying after a lost 2xx would.
-            await _send(session, target, delivery.body, headers)
-            outcomes.append("duplicated")
-        return outcomes
+        state = "delivered"
+    else:
+        state = "failed" if delivery.attempts + 1 >= policy.max_attempts else "pending"
+    return _Attempt(delivery, headers, status, error, state, policy.delay(delivery.attempts))
 
-    gives_up = attempt >= policy.max_attempts
-    delay = policy.delay(delivery.attempts)
-    await _record(
-        db,
-        _FAILED_SQL,
-        delivery.id,
-        status,
-        error,
-        "failed" if gives_up else "pending",
-        delay,
-        delivery.claimed_until,
-    )
+
+async def _record(db: Database, attempts: Sequence[_Attempt]) -> set[str]:
+    """Write the outcomes; return the ids whose claim was still ours."""
+
+    async def record(conn: Connection) -> set[str]:
+        rows = await conn.fetch(
+            _RECORD_SQL,
+            [a.delivery.id for a in attempts],
+            [a.state for a in attempts],
+            [a.status for a in attempts],
+            [a.error for a in attempts],
+            [a.retry_in for a in attempts],
+            [a.delivery.claimed_until for a in attempts],
+        )
+        return {row["id"] for row in rows}
+
+    # One UPDATE: atomic on its own, no BEGIN/COMMIT round trips.
+    return await db.statement(record)
+
+
+def _log_outcome(attempt: _Attempt) -> str:
+    number = attempt.delivery.attempts + 1
+    if attempt.delivered:
+        log.info("webhook delivered", extra={"event_id": attempt.delivery.id, "attempt": number})
+        return "delivered"
+    gives_up = attempt.state == "failed"
     log.warning(
         "webhook delivery failed" if gives_up else "webhook attempt failed, will retry",
         extra={
-            "event_id": delivery.id,
-            "attempt": attempt,
-            "status": status,
-            "error": error,
-            **({} if gives_up else {"retry_in_s": delay}),
+            "event_id": attempt.delivery.id,
+            "attempt": number,
+            "status": attempt.status,
+            "error": attempt.error,
+            **({} if gives_up else {"retry_in_s": attempt.retry_in}),
         },
     )
-    return ["failed" if gives_up else "retried"]
+    return "failed" if gives_up else "retried"
 
 
 async def _send(
@@ -266,14 +286,3 @@ async def _send(
             return response.status, f"HTTP {response.status}: {detail.decode(errors='replace')}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         return None, repr(exc)
-
-
-async def _record(db: Database, sql: str, *args: object) -> None:
-    async def record(conn: Connection) -> str:
-        return await conn.execute(sql, *args)
-
-    # One UPDATE: atomic on its own, no BEGIN/COMMIT round trips.
-    if await db.statement(record) == "UPDATE 0":
-        # The claim expired and another worker took the delivery over: its record wins.
-        # (Or a lost COMMIT was retried after it had in fact committed: same outcome.)
-        log.warning("webhook attempt outlived its claim", extra={"event_id": args[0]})

@@ -733,3 +733,43 @@ async def test_two_workers_never_send_one_delivery_at_once(
     assert len(receiver.requests) == 1
     [delivery] = await deliveries(db, settled_charge)
     assert delivery["state"] == "delivered"
+
+
+async def test_a_batch_records_each_outcome_and_spares_a_claim_taken_over(
+    db: Database, receiver: Receiver
+) -> None:
+    """Three deliveries sent at once and recorded in one statement: one accepted, one
+    refused (retried later), and one whose claim another worker took over mid-send,
+    whose record is left to that worker."""
+    simulation = quiet_simulation()
+    for n in range(3):
+        request = ChargeRequest.model_validate_json(json.dumps(charge_body()))
+        await create_charge(db, simulation, f"batch-{n}", request)
+    assert await settle_due(db, simulation) == 3
+    receiver.failures_left = 1
+    receiver.delay = 0.3
+    target = WebhookTarget(url=receiver.url, secrets=SECRETS)
+    async with aiohttp.ClientSession() as session:
+        attempt = asyncio.create_task(deliver_due(db, session, simulation, target))
+        await eventually(lambda: len(receiver.requests) == 3, within=5)
+        row = await db.fetchrow(
+            "UPDATE provider.webhook_deliveries SET next_attempt_at = now() + interval '1 h'"
+            " WHERE id = (SELECT min(id) FROM provider.webhook_deliveries) RETURNING id"
+        )
+        assert await attempt == 3
+    assert row is not None
+    taken_over = row["id"]
+
+    rows = {row["id"]: row for row in await deliveries(db)}
+    assert rows[taken_over]["attempts"] == 0
+    assert rows[taken_over]["state"] == "pending"
+    others = sorted(
+        (row["state"], row["attempts"], row["last_status"], row["delivered_at"] is not None)
+        for id_, row in rows.items()
+        if id_ != taken_over
+    )
+    assert others in (
+        # The refused request was one of the other two, or the one taken over.
+        [("delivered", 1, 200, True), ("pending", 1, 500, False)],
+        [("delivered", 1, 200, True), ("delivered", 1, 200, True)],
+    )
