@@ -76,6 +76,9 @@ async def receive_webhook(
             verified_at=dt.datetime.now(dt.UTC),
         )
     )
+    # Asked before publishing: once the broker has this copy, the webhooks service may
+    # store it at any moment, and this very copy would then be reported as a duplicate.
+    duplicate = await _seen_before(db, event.id)
     try:
         await publish(envelope)
     except PublishError as exc:
@@ -88,7 +91,7 @@ async def receive_webhook(
         "verified": True,
         "scheme": scheme.value,
         "event_id": str(event.id),
-        "duplicate": await _seen_before(db, event.id),
+        "duplicate": duplicate,
     }
 
 

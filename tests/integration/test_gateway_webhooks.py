@@ -8,14 +8,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from libs.common.broker.connection import Broker
-from libs.common.messages import WebhookReceived, decode
+from libs.common.db import Database
+from libs.common.messages import Envelope, WebhookReceived, decode
 from libs.common.signing import seed_signature, signature_headers, standard_signature
 from libs.common.webhook_events import event_uuid
+from services.gateway.webhooks import receive_webhook
 from tests.integration.conftest import MakeGateway
 from tests.integration.gateway_client import Answer, Gateway
 
@@ -209,3 +212,33 @@ async def test_unknown_event_lookup(gateway: Gateway) -> None:
     assert (missing.status, missing.body["error"]) == (404, "event_not_found")
     malformed = await gateway.call("GET", "/api/webhooks/evt_1")
     assert (malformed.status, malformed.body["error"]) == (400, "invalid_event_id")
+
+
+async def test_a_first_copy_stored_as_soon_as_published_is_not_called_a_duplicate(
+    db: Database,
+) -> None:
+    """The webhooks service may store the event the moment the broker has it; the answer
+    to the request that brought it must still say it is new."""
+    body = seed_payload(str(uuid.uuid4()))
+    event_id = event_uuid("test_provider", "sha256:" + hashlib.sha256(body).hexdigest())
+
+    async def publish_and_store_at_once(envelope: Envelope[Any]) -> None:
+        async with db.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO webhooks.webhook_events (id, provider, provider_event_id, raw_body,"
+                " signature_scheme, received_at, verified_at)"
+                " VALUES ($1, 'test_provider', $2, $3, 'seed', now(), now())",
+                event_id,
+                f"sha256:{hashlib.sha256(body).hexdigest()}",
+                body,
+            )
+
+    answer = await receive_webhook(
+        body,
+        {"X-Webhook-Signature": seed_signature(body, SECRET)},
+        secrets=[SECRET],
+        publish=publish_and_store_at_once,
+        db=db,
+    )
+    assert answer["event_id"] == str(event_id)
+    assert answer["duplicate"] is False
