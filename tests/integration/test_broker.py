@@ -326,6 +326,64 @@ async def test_a_backlog_is_handled_in_batches_and_every_message_acked(
     assert max(map(len, batches.batches)) <= consumer.max_batch
 
 
+class HeldBatches:
+    """A batch handler whose first batch runs until `release` is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[uuid.UUID]] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, envelopes: Sequence[Envelope[PaymentRequested]]) -> None:
+        self.batches.append([e.message_id for e in envelopes])
+        if len(self.batches) == 1:
+            await self.release.wait()
+
+
+@pytest.mark.parametrize("linger", [5.0, 0.05])
+async def test_a_partial_batch_waits_a_while_for_the_running_one(
+    broker: Broker, linger: float
+) -> None:
+    """Messages arriving one by one while a batch runs make one batch after it, not one
+    batch each, unless the running batch outlasts the linger."""
+    batches = HeldBatches()
+    consumer = Consumer(
+        broker,
+        broker.topology.payment_requested,
+        PaymentRequested,
+        Recorder(),
+        batch_handler=batches,
+        max_linger_seconds=linger,
+    )
+    await consumer.start()
+    try:
+        first = payment_requested()
+        await broker.publish(first)
+        await eventually(lambda: batches.batches == [[first.message_id]])
+        later = [payment_requested() for _ in range(5)]
+        for envelope in later:
+            await broker.publish(envelope)
+            await asyncio.sleep(0.03)
+        if linger > 1:
+            assert batches.batches == [[first.message_id]]
+        else:
+            # Each waited 0.05 s at most: the running batch no longer held them back.
+            await eventually(lambda: sum(map(len, batches.batches)) == 6, within=2)
+            assert not batches.release.is_set()
+        batches.release.set()
+        await eventually(lambda: sum(map(len, batches.batches)) == 6)
+    finally:
+        batches.release.set()
+        await consumer.stop(grace_seconds=5)
+
+    assert sorted(m for batch in batches.batches[1:] for m in batch) == sorted(
+        e.message_id for e in later
+    )
+    if linger > 1:
+        assert len(batches.batches) == 2
+    else:
+        assert len(batches.batches) > 2
+
+
 async def test_a_failed_batch_is_retried_one_message_at_a_time(
     broker: Broker, topology: Topology
 ) -> None:
