@@ -3,7 +3,8 @@
 The whole stack runs (gateway, payments, webhooks, the simulated provider settling
 after PROVIDER_WEBHOOK_DELAY_MS and never declining). An open loop offers payments at
 a steady rate, in steps that climb as fractions of the intake limit (the gateway's
-max `/pay` rate, from the intake scenario of the same run, or measured here first).
+max `/pay` rate, from the intake scenario of the same run, or measured here first),
+and once one is not sustained, one more halfway back to the last that was.
 A step is sustained when every accepted payment completes, completions keep up with
 the offered rate, and the p99 from `/pay` to `completed` (less the provider's delay)
 stays under 2 s; between steps the stack drains. After the last step, nothing may
@@ -148,9 +149,11 @@ async def run(ctx: Context) -> ScenarioResult:
 
         steps: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
-        # Climb until a step is not sustained; if the first is not, step down instead.
+        # Climb until a step is not sustained, then try once halfway between it and the
+        # last sustained one; if the first is not sustained, step down instead.
         queue = list(fractions)
         going_down = False
+        halved = False
         while queue:
             fraction = queue.pop(0)
             # Every service of the path shares the two cores: profile them all.
@@ -165,12 +168,16 @@ async def run(ctx: Context) -> ScenarioResult:
             steps.append(step)
             if step["sustained"]:
                 best = step
-                if going_down:
+                if going_down or halved:
                     break
             else:
                 if best is None and not going_down and fraction > 0.02:
                     going_down = True
                     queue = [fraction / 2, fraction / 4]
+                    continue
+                if best is not None and not going_down and not halved and not ctx.quick:
+                    halved = True
+                    queue = [round((best["fraction_of_limit"] + fraction) / 2, 4)]
                     continue
                 if not going_down:
                     break
