@@ -204,8 +204,9 @@ async def _gather_attempts(
                 )
                 continue
             outcomes.append(_log_outcome(attempt))
-    duplicates = [a for a in attempts if a.delivered and a.delivery.id in recorded]
-    duplicates = [a for a in duplicates if simulation.duplicates()]
+    duplicates = [
+        a for a in attempts if a.delivered and a.delivery.id in recorded and simulation.duplicates()
+    ]
     # The identical request, headers included, as a PSP retrying after a lost 2xx would.
     await asyncio.gather(*(_send(session, target, a.delivery.body, a.headers) for a in duplicates))
     return outcomes + ["duplicated"] * len(duplicates)

@@ -236,6 +236,8 @@ class Consumer(Generic[P]):
 
     async def _linger(self, running: set[asyncio.Task[None]]) -> None:
         """Wait while a batch runs and the next is not full, up to `max_linger_seconds`."""
+        if not running or len(self._waiting) >= self.max_batch:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.max_linger_seconds):
                 while running and len(self._waiting) < self.max_batch:
