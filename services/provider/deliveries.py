@@ -182,7 +182,20 @@ async def _gather_attempts(
     claimed: list[_Claimed],
 ) -> list[str]:
     """Send every claimed delivery at once, then record all outcomes in one statement."""
-    attempts = await asyncio.gather(*(_send_one(session, target, policy, d) for d in claimed))
+    results = await asyncio.gather(
+        *(_send_one(session, target, policy, d) for d in claimed), return_exceptions=True
+    )
+    attempts: list[_Attempt] = []
+    for delivery, result in zip(claimed, results, strict=True):
+        if isinstance(result, BaseException):
+            # Only this delivery waits for its claim to expire; the others are recorded.
+            log.error(
+                "webhook attempt failed unexpectedly",
+                extra={"event_id": delivery.id, "error": repr(result)},
+                exc_info=result,
+            )
+        else:
+            attempts.append(result)
     try:
         recorded = await _record(db, attempts) if attempts else set()
     except Exception as exc:

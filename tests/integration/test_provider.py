@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 from libs.common.db import Database
 from libs.common.settings import ProviderSettings
 from libs.common.signing import SEED_HEADER, Scheme, verify
+from services.provider import deliveries as deliveries_module
 from services.provider.app import create_app
 from services.provider.charges import ChargeRequest, create_charge, settle_due
 from services.provider.deliveries import RetryPolicy, WebhookTarget, deliver_due
@@ -779,3 +780,31 @@ async def test_a_batch_records_each_outcome_and_spares_a_claim_taken_over(
         [("delivered", 1, 200, True), ("pending", 1, 500, False)],
         [("delivered", 1, 200, True), ("delivered", 1, 200, True)],
     )
+
+
+async def test_an_unexpected_error_in_one_send_spares_the_rest_of_its_batch(
+    db: Database, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    simulation = quiet_simulation()
+    for n in range(3):
+        request = ChargeRequest.model_validate_json(json.dumps(charge_body()))
+        await create_charge(db, simulation, f"unexpected-{n}", request)
+    assert await settle_due(db, simulation) == 3
+    broken = (await deliveries(db))[0]["id"]
+    real_send = deliveries_module._send
+
+    async def send(
+        session: aiohttp.ClientSession, target: WebhookTarget, body: bytes, headers: dict[str, str]
+    ) -> tuple[int | None, str | None]:
+        if headers["webhook-id"] == broken:
+            raise RuntimeError("a bug in one send")
+        return await real_send(session, target, body, headers)
+
+    monkeypatch.setattr(deliveries_module, "_send", send)
+    target = WebhookTarget(url=receiver.url, secrets=SECRETS)
+    async with aiohttp.ClientSession() as session:
+        assert await deliver_due(db, session, simulation, target) == 3
+
+    states = {row["id"]: (row["state"], row["attempts"]) for row in await deliveries(db)}
+    assert states.pop(broken) == ("pending", 0)  # its claim expires; it is sent again then
+    assert list(states.values()) == [("delivered", 1), ("delivered", 1)]
