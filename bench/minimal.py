@@ -5,7 +5,9 @@
 - `publish`: an aiohttp handler that reads the body and publishes the same message the
   gateway would (same size, properties, exchange and routing key), persistent,
   `mandatory`, with publisher confirms, then answers 202: the framework and broker limit
-  for `/pay` and `/api/webhooks`.
+  for `/pay` and `/api/webhooks`. With `--gateway-middlewares`, the same handler behind
+  the gateway's own middlewares (correlation id, request metrics, JSON errors, API keys
+  and rate limits): what the gateway costs before `/pay` does any work of its own.
 - `consume`: a consumer of the same queue, with the same prefetch and pool size, that
   inserts one row per message and acks: the broker and database limit for a consumer.
 - `provider`: a fake PSP that answers every call after a fixed delay, with a charge the
@@ -39,7 +41,15 @@ from pydantic_settings import BaseSettings
 
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import Envelope, PaymentRequested, WebhookReceived, encode, wrap
-from libs.common.settings import BrokerSettings, PaymentsSettings, WebhooksSettings
+from libs.common.settings import (
+    BrokerSettings,
+    GatewaySettings,
+    PaymentsSettings,
+    WebhooksSettings,
+    load_settings,
+)
+from libs.common.web import create_service_app
+from services.gateway.routes import add_guard
 
 SAMPLE_WEBHOOK = (
     b'{"event_id":"evt_0123456789abcdef01234567","event_type":"payment.completed",'
@@ -108,7 +118,21 @@ async def _ready(_: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-async def publish(port: int, routing_key: str) -> None:
+def _gateway_middlewares_app() -> web.Application:
+    """An app with the gateway's middlewares and none of its routes."""
+    settings = load_settings(GatewaySettings)
+    app = create_service_app(settings)  # it has its own /ready
+    add_guard(app, settings)
+    return app
+
+
+def _bare_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/ready", _ready)
+    return app
+
+
+async def publish(port: int, routing_key: str, *, gateway_middlewares: bool = False) -> None:
     stop = _stop_on_sigterm()
     topology = Topology()
     connection = await aio_pika.connect_robust(os.environ["RABBITMQ_URL"])
@@ -136,10 +160,9 @@ async def publish(port: int, routing_key: str) -> None:
         )
         return web.json_response({"id": message_id, "status": "pending"}, status=202)
 
-    app = web.Application()
+    app = _gateway_middlewares_app() if gateway_middlewares else _bare_app()
     app.router.add_post("/api/payments/pay", handle)
     app.router.add_post("/api/webhooks", handle)
-    app.router.add_get("/ready", _ready)
     try:
         await _serve(app, port, stop)
     finally:
@@ -274,6 +297,9 @@ def main() -> None:
     p = modes.add_parser("publish")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--routing-key", default=PaymentRequested.TYPE)
+    p.add_argument(
+        "--gateway-middlewares", action="store_true", help="behind the gateway's middlewares"
+    )
     c = modes.add_parser("consume")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--queue", default="payment-requested", help="the queue's purpose name")
@@ -289,7 +315,9 @@ def main() -> None:
     r.add_argument("--min-age-seconds", type=int, default=60)
     args = parser.parse_args()
     if args.mode == "publish":
-        asyncio.run(publish(args.port, args.routing_key))
+        asyncio.run(
+            publish(args.port, args.routing_key, gateway_middlewares=args.gateway_middlewares)
+        )
     elif args.mode == "consume":
         service = CONSUMERS.get(args.queue, BrokerSettings)
         prefetch = args.prefetch or _default(service, "consumer_prefetch")
