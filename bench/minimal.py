@@ -16,6 +16,9 @@
   provider about each with the same concurrency, move each with one UPDATE.
 
 Each serving mode answers `GET /ready` once it is connected, and stops on SIGTERM.
+Every mode runs on uvloop, as the services do: on asyncio's own loop the `publish`
+handler costs a quarter more CPU per request, and a baseline that slow would flatter
+every ratio taken against it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import asyncpg
+import uvloop
 from aiohttp import web
 from pydantic_settings import BaseSettings
 
@@ -315,20 +319,20 @@ def main() -> None:
     r.add_argument("--min-age-seconds", type=int, default=60)
     args = parser.parse_args()
     if args.mode == "publish":
-        asyncio.run(
+        uvloop.run(
             publish(args.port, args.routing_key, gateway_middlewares=args.gateway_middlewares)
         )
     elif args.mode == "consume":
         service = CONSUMERS.get(args.queue, BrokerSettings)
         prefetch = args.prefetch or _default(service, "consumer_prefetch")
         pool = args.pool or _default(service, "db_pool_max_size")
-        asyncio.run(consume(args.port, args.queue, prefetch, pool))
+        uvloop.run(consume(args.port, args.queue, prefetch, pool))
     elif args.mode == "provider":
-        asyncio.run(provider(args.port, args.delay_ms))
+        uvloop.run(provider(args.port, args.delay_ms))
     else:
         print(
             json.dumps(
-                asyncio.run(reconcile(args.provider_url, args.concurrency, args.min_age_seconds))
+                uvloop.run(reconcile(args.provider_url, args.concurrency, args.min_age_seconds))
             )
         )
 
