@@ -103,6 +103,16 @@ async def run(ctx: Context) -> ScenarioResult:
                 note="the most /pay could reach if its own work were free",
             )
         )
+        result.add(
+            Figure(
+                "/pay req/s vs the same middlewares",
+                round(gateway_rps, 1),
+                "req/s",
+                "minimal handler behind the gateway's middlewares",
+                round(middlewares.rate(202), 1),
+                note="what /pay's own work (validation, the payment, its message) costs",
+            )
+        )
         for label, q in (("p50", 0.5), ("p99", 0.99)):
             result.add(
                 Figure(
