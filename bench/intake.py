@@ -56,6 +56,7 @@ async def run(ctx: Context) -> ScenarioResult:
         )
         subject_request = same_request(pay_request(gateway.port))
         baseline_request = same_request(pay_request(minimal.port))
+        behind_request = same_request(pay_request(behind.port))
 
         async def closed(port: int, requests: Requests, label: str) -> LoadResult:
             await purge_queues(stack)
@@ -77,12 +78,11 @@ async def run(ctx: Context) -> ScenarioResult:
 
         before = await closed(minimal.port, baseline_request, "baseline_before")
         subject = await closed(gateway.port, subject_request, "gateway")
-        middlewares = await closed(
-            behind.port, same_request(pay_request(behind.port)), "baseline_behind_middlewares"
-        )
+        middlewares = await closed(behind.port, behind_request, "baseline_behind_middlewares")
         after = await closed(minimal.port, baseline_request, "baseline_after")
         base_rps = _mean(before.rate(202), after.rate(202))
         gateway_rps = subject.rate(202)
+        middlewares_rps = middlewares.rate(202)
         result.add(
             Figure(
                 f"/pay req/s ({CONCURRENCY} conns)",
@@ -96,7 +96,7 @@ async def run(ctx: Context) -> ScenarioResult:
         result.add(
             Figure(
                 "minimal handler behind the gateway's middlewares",
-                round(middlewares.rate(202), 1),
+                round(middlewares_rps, 1),
                 "req/s",
                 "minimal handler",
                 round(base_rps or 0, 1),
@@ -109,7 +109,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 round(gateway_rps, 1),
                 "req/s",
                 "minimal handler behind the gateway's middlewares",
-                round(middlewares.rate(202), 1),
+                round(middlewares_rps, 1),
                 note="what /pay's own work (validation, the payment, its message) costs",
             )
         )
