@@ -30,6 +30,13 @@ class Inbox:
             ON CONFLICT DO NOTHING
             RETURNING message_id
         """  # noqa: S608
+        self._seen_sql = f"SELECT 1 FROM {schema}.inbox WHERE consumer = $1 AND message_id = $2"  # noqa: S608
+
+    async def seen(self, conn: Connection, envelope: Envelope[Any]) -> bool:
+        """Whether `envelope` was processed already (for a consumer whose effect spans
+        several transactions and claims the message in the last one)."""
+        row = await conn.fetchrow(self._seen_sql, self.consumer, envelope.message_id)
+        return row is not None
 
     async def claim(self, conn: Connection, envelope: Envelope[Any]) -> bool:
         """Record `envelope` as processed; False when it already was."""

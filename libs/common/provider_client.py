@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -98,13 +98,6 @@ class ProviderClient:
 
         return await self._retrying(attempt)
 
-    async def get_charge(self, charge_id: str) -> Charge | None:
-        async def attempt() -> Charge | None:
-            text = await self._send("GET", f"/charges/{charge_id}", missing_ok=True)
-            return None if text is None else _parse(Charge, text)
-
-        return await self._retrying(attempt)
-
     async def find_charges(self, payment_id: uuid.UUID) -> list[Charge]:
         async def attempt() -> list[Charge]:
             params = {"payment_id": str(payment_id)}
@@ -127,20 +120,8 @@ class ProviderClient:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @overload
-    async def _send(
-        self, method: str, path: str, *, missing_ok: Literal[False] = False, **kwargs: Any
-    ) -> str: ...
-
-    @overload
-    async def _send(
-        self, method: str, path: str, *, missing_ok: Literal[True], **kwargs: Any
-    ) -> str | None: ...
-
-    async def _send(
-        self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any
-    ) -> str | None:
-        """The body of a successful answer; None for a 404 when `missing_ok`."""
+    async def _send(self, method: str, path: str, **kwargs: Any) -> str:
+        """The body of a successful answer."""
         correlation_id = get_correlation_id()
         if correlation_id:
             # The provider logs under the same id, so one payment's story reads across services.
@@ -153,8 +134,6 @@ class ProviderClient:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(f"{method} {path}: {exc!r}") from exc
-        if status == 404 and missing_ok:
-            return None
         if status >= 500 or status == 429:
             raise ProviderUnavailable(f"{method} {path}: HTTP {status}")
         if status >= 400:

@@ -40,9 +40,3 @@ ALLOWED_FROM: dict[PaymentStatus, frozenset[PaymentStatus]] = {
     _P.FAILED: frozenset({_P.PENDING, _P.PROCESSING}),
     _P.REFUNDED: frozenset({_P.PENDING, _P.PROCESSING, _P.COMPLETED}),
 }
-
-TERMINAL = frozenset(s for s in PaymentStatus if not any(s in f for f in ALLOWED_FROM.values()))
-
-
-def is_allowed(from_status: PaymentStatus, to_status: PaymentStatus) -> bool:
-    return from_status in ALLOWED_FROM[to_status]

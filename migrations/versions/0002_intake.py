@@ -21,7 +21,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Each row counts in slot `hashtext(id) & 15`: 16 slots, libs.common.tables.COUNTER_SLOTS.
+# Each row counts in slot `hashtext(id) & 15`: 16 slots.
 
 COUNT_PAYMENT = """
 CREATE FUNCTION payments.count_payment() RETURNS trigger

@@ -19,16 +19,19 @@ from typing import Any
 from asyncpg import Record
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from libs.common import payments_store
 from libs.common.db import Connection, Database
 from libs.common.errors import ApiError
 from libs.common.money import format_minor_units
+from libs.common.payments_store import (
+    PaymentFilter,
+    counts_by_status_and_currency,
+    payment_with_events,
+)
+from libs.common.reconciler_store import latest_run
 from libs.common.states import PaymentStatus
+from libs.common.webhooks_store import counts_by_status
 from services.gateway.reconciliations import run_json
-
-_PAYMENT_COLUMNS = """
-    id, reference, status, amount_minor, currency, customer_id, description, metadata,
-    provider, provider_reference, failure_reason, created_at, updated_at
-"""
 
 
 def payment_json(row: Record) -> dict[str, Any]:
@@ -58,17 +61,10 @@ def parse_payment_id(raw: str) -> uuid.UUID:
 
 async def get_payment(db: Database, payment_id: uuid.UUID) -> dict[str, Any]:
     async def read(conn: Connection) -> dict[str, Any] | None:
-        row = await conn.fetchrow(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments.payments WHERE id = $1",  # noqa: S608 - constant columns
-            payment_id,
-        )
-        if row is None:
+        found = await payment_with_events(conn, payment_id)
+        if found is None:
             return None
-        events = await conn.fetch(
-            "SELECT from_status, to_status, applied, source, reason, created_at"
-            " FROM payments.payment_events WHERE payment_id = $1 ORDER BY id",
-            payment_id,
-        )
+        row, events = found
         return {
             **payment_json(row),
             "events": [
@@ -149,32 +145,18 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
 
 
 async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
-    conditions: list[str] = []
-    args: list[Any] = []
-
-    def where(condition: str, value: Any) -> None:
-        args.append(value)
-        conditions.append(condition.format(f"${len(args)}"))
-
-    if query.status is not None:
-        where("status = {}", query.status.value)
-    if query.customer_id is not None:
-        where("customer_id = {}", query.customer_id)
-    if query.created_from is not None:
-        where("created_at >= {}", query.created_from)
-    if query.created_to is not None:
-        where("created_at < {}", query.created_to)
-    if query.cursor is not None:
-        created_at, payment_id = decode_cursor(query.cursor)
-        args.extend([created_at, payment_id])
-        conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
-    args.append(query.limit + 1)
-    sql = (
-        f"SELECT {_PAYMENT_COLUMNS} FROM payments.payments"  # noqa: S608 - built from fixed fragments; values are bound
-        + (" WHERE " + " AND ".join(conditions) if conditions else "")
-        + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+    before = decode_cursor(query.cursor) if query.cursor is not None else None
+    rows = await payments_store.list_payments(
+        db,
+        PaymentFilter(
+            status=query.status,
+            customer_id=query.customer_id,
+            created_from=query.created_from,
+            created_to=query.created_to,
+            before=before,
+        ),
+        query.limit + 1,
     )
-    rows = await db.fetch(sql, *args)
     page = rows[: query.limit]
     more = len(rows) > query.limit
     return {
@@ -188,17 +170,9 @@ async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
 
 async def payment_stats(db: Database) -> dict[str, Any]:
     async def read(conn: Connection) -> tuple[list[Record], list[Record], Record | None]:
-        payments = await conn.fetch(
-            "SELECT status, currency, sum(count)::bigint AS count,"
-            " sum(amount_minor)::bigint AS amount_minor"
-            " FROM payments.payment_stats GROUP BY status, currency"
-        )
-        webhooks = await conn.fetch(
-            "SELECT status, sum(count)::bigint AS count FROM webhooks.webhook_stats GROUP BY status"
-        )
-        last_run = await conn.fetchrow(
-            "SELECT * FROM reconciler.reconciliation_logs ORDER BY started_at DESC LIMIT 1"
-        )
+        payments = await counts_by_status_and_currency(conn)
+        webhooks = await counts_by_status(conn)
+        last_run = await latest_run(conn)
         return payments, webhooks, last_run
 
     payment_rows, webhook_rows, last_run = await db.transaction(read)

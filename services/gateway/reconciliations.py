@@ -7,16 +7,13 @@ from typing import Any
 
 from asyncpg import Record
 
+from libs.common import reconciler_store
 from libs.common.broker.publisher import PublishError
 from libs.common.db import Connection, Database
 from libs.common.errors import ApiError, service_unavailable
 from libs.common.messages import ReconciliationRequested, wrap
+from libs.common.reconciler_store import run_with_items
 from services.gateway.intake import Publish
-
-_RUN_COLUMNS = """
-    id, trigger, status, started_at, finished_at, checked, updated, unchanged, errors,
-    error_details, duration_ms
-"""
 
 
 def run_json(row: Record) -> dict[str, Any]:
@@ -64,27 +61,15 @@ def parse_limit(raw: str | None) -> int:
 
 
 async def list_runs(db: Database, limit: int) -> dict[str, Any]:
-    rows = await db.fetch(
-        f"SELECT {_RUN_COLUMNS} FROM reconciler.reconciliation_logs"  # noqa: S608 - constant columns
-        " ORDER BY started_at DESC LIMIT $1",
-        limit,
-    )
-    return {"data": [run_json(row) for row in rows]}
+    return {"data": [run_json(row) for row in await reconciler_store.list_runs(db, limit)]}
 
 
 async def get_run(db: Database, run_id: uuid.UUID) -> dict[str, Any]:
     async def read(conn: Connection) -> dict[str, Any] | None:
-        row = await conn.fetchrow(
-            f"SELECT {_RUN_COLUMNS} FROM reconciler.reconciliation_logs WHERE id = $1",  # noqa: S608 - constant columns
-            run_id,
-        )
-        if row is None:
+        found = await run_with_items(conn, run_id)
+        if found is None:
             return None
-        items = await conn.fetch(
-            "SELECT payment_id, from_status, to_status, reason, created_at"
-            " FROM reconciler.reconciliation_items WHERE run_id = $1 ORDER BY id",
-            run_id,
-        )
+        row, items = found
         return {
             **run_json(row),
             "changes": [

@@ -14,10 +14,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from asyncpg import Record
+
+from libs.common import webhooks_store
 from libs.common.broker.publisher import PublishError
-from libs.common.db import Database
+from libs.common.db import Connection, Database
 from libs.common.errors import ApiError, service_unavailable
 from libs.common.messages import WebhookReceived, wrap
+from libs.common.payments_store import status_of
 from libs.common.signing import (
     ID_HEADER,
     SEED_HEADER,
@@ -26,6 +30,7 @@ from libs.common.signing import (
     SignatureError,
     verify,
 )
+from libs.common.states import PaymentStatus
 from libs.common.webhook_events import InvalidEvent, parse_event
 from services.gateway.intake import Publish
 from services.gateway.metrics import SIGNATURE_FAILURES, WEBHOOKS_RECEIVED
@@ -78,7 +83,7 @@ async def receive_webhook(
     )
     # Asked before publishing: once the broker has this copy, the webhooks service may
     # store it at any moment, and this very copy would then be reported as a duplicate.
-    duplicate = await _seen_before(db, event.id)
+    duplicate = await webhooks_store.is_stored(db, event.id)
     try:
         await publish(envelope)
     except PublishError as exc:
@@ -95,12 +100,6 @@ async def receive_webhook(
     }
 
 
-async def _seen_before(db: Database, event_id: uuid.UUID) -> bool:
-    """Whether this event was stored already (the webhooks service has the final word)."""
-    row = await db.fetchrow("SELECT 1 FROM webhooks.webhook_events WHERE id = $1", event_id)
-    return row is not None
-
-
 def parse_event_id(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -111,17 +110,13 @@ def parse_event_id(raw: str) -> uuid.UUID:
 
 
 async def get_event(db: Database, event_id: uuid.UUID) -> dict[str, Any]:
-    row = await db.fetchrow(
-        """
-        SELECT e.id, e.provider, e.provider_event_id, e.event_type, e.claimed_payment_id,
-               e.payment_id, e.signature_scheme, e.status, e.error, e.attempts,
-               e.duplicates, e.received_at, e.processed_at, e.raw_body, p.status AS payment_status
-          FROM webhooks.webhook_events e
-          LEFT JOIN payments.payments p ON p.id = e.payment_id
-         WHERE e.id = $1
-        """,
-        event_id,
-    )
+    async def read(conn: Connection) -> tuple[Record | None, PaymentStatus | None]:
+        row = await webhooks_store.event(conn, event_id)
+        if row is None or row["payment_id"] is None:
+            return row, None
+        return row, await status_of(conn, row["payment_id"])
+
+    row, payment_status = await db.transaction(read)
     if row is None:
         raise ApiError(
             404,
@@ -142,9 +137,7 @@ async def get_event(db: Database, event_id: uuid.UUID) -> dict[str, Any]:
         "received_at": row["received_at"].isoformat(),
         "processed_at": row["processed_at"].isoformat() if row["processed_at"] else None,
         "payment": (
-            {"id": str(row["payment_id"]), "status": row["payment_status"]}
-            if row["payment_id"]
-            else None
+            {"id": str(row["payment_id"]), "status": payment_status} if row["payment_id"] else None
         ),
         "body": bytes(row["raw_body"]).decode("utf-8", errors="replace"),
     }

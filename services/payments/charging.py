@@ -1,8 +1,8 @@
 """What the payments service does with `payment.requested` messages, a batch at a time.
 
-1. One statement for the whole batch: claim the messages in the inbox, insert the new
-   payments as `pending` with their creation audit rows, and read the status of those
-   stored before.
+1. One transaction for the whole batch: claim the messages in the inbox, then one
+   statement inserts the new payments as `pending` with their creation audit rows and
+   reads the status of those stored before.
 2. Ask the provider to charge every payment still `pending`, concurrently, each with
    its payment id as the provider's idempotency key.
 3. One statement: record the provider's answers through the state machine (`processing`
@@ -31,15 +31,15 @@ from libs.common.db import Connection, Database
 from libs.common.inbox import Inbox
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, PaymentRequested
-from libs.common.metrics import PAYMENT_TRANSITIONS
-from libs.common.provider_client import (
-    PROVIDER_NAME,
-    Charge,
-    ProviderClient,
-    ProviderRejected,
-    ProviderUnavailable,
+from libs.common.payments_store import charge_transition
+from libs.common.provider_client import ProviderClient, ProviderRejected, ProviderUnavailable
+from libs.common.state_machine import (
+    NewPayment,
+    Stored,
+    TransitionRequest,
+    apply_transitions,
+    create_payments,
 )
-from libs.common.state_machine import TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from services.payments.metrics import CHARGE_REQUESTS
 
@@ -47,21 +47,7 @@ log = logging.getLogger(__name__)
 
 INBOX = Inbox("payments", "payments.payment-requested")
 
-# What the provider's charge status means for the payment.
-CHARGE_OUTCOME = {
-    "processing": PaymentStatus.PROCESSING,
-    "succeeded": PaymentStatus.COMPLETED,
-    "declined": PaymentStatus.FAILED,
-}
-
 CREATION_REASON = "accepted by gateway"
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    status: PaymentStatus
-    # False when the payment was stored before: this message is a redelivery or a resend.
-    inserted: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +61,7 @@ class PaymentIntake:
     async def handle_batch(self, envelopes: Sequence[Envelope[PaymentRequested]]) -> None:
         # One payment's message twice in a batch (a resend racing a redelivery) is one payment.
         unique = list({e.payload.payment_id: e for e in reversed(envelopes)}.values())
-        stored = await self.db.statement(lambda conn: store_payments(conn, unique))
+        stored = await self.db.transaction(lambda conn: store_payments(conn, unique))
         if log.isEnabledFor(logging.DEBUG):
             for envelope in unique:
                 if stored[envelope.payload.payment_id].inserted:
@@ -136,92 +122,39 @@ class PaymentIntake:
                     correlation_id=envelope.correlation_id,
                 )
             CHARGE_REQUESTS.labels(outcome=charge.status).inc()
-            return charge_transition(payment.payment_id, charge, envelope.correlation_id)
-
-
-_STORE_SQL = """
-WITH incoming AS (
-    SELECT *
-      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                  $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[])
-        AS i(message_id, id, reference, amount_minor, currency, customer_id, description,
-             metadata, requested_at, correlation_id)
-), claimed AS (
-    -- Inbox.claim_all's insert, inlined so that the whole batch is one statement.
-    INSERT INTO payments.inbox (consumer, message_id, message_type)
-    SELECT $11, message_id, $12 FROM incoming
-    ON CONFLICT DO NOTHING
-), inserted AS (
-    INSERT INTO payments.payments
-        (id, reference, amount_minor, currency, customer_id, description, metadata,
-         created_at, updated_at)
-    SELECT id, reference, amount_minor, currency, customer_id, description, metadata,
-           requested_at, requested_at
-      FROM incoming
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id
-), created AS (
-    INSERT INTO payments.payment_events
-        (payment_id, from_status, to_status, applied, source, reason, correlation_id)
-    SELECT incoming.id, NULL, 'pending', true, $13, $14, incoming.correlation_id
-      FROM incoming JOIN inserted USING (id)
-)
-SELECT incoming.id, inserted.id IS NOT NULL AS inserted,
-       -- The statement's snapshot does not see its own inserts: those are pending.
-       CASE WHEN inserted.id IS NOT NULL THEN 'pending' ELSE stored.status END AS status
-  FROM incoming
-  LEFT JOIN inserted USING (id)
-  LEFT JOIN payments.payments AS stored ON stored.id = incoming.id
-"""
+            return charge_transition(
+                payment.payment_id,
+                charge,
+                source=TransitionSource.PROVIDER,
+                reason=f"charge {charge.id} {charge.status}",
+                correlation_id=envelope.correlation_id,
+            )
 
 
 async def store_payments(
     conn: Connection, envelopes: Sequence[Envelope[PaymentRequested]]
 ) -> dict[uuid.UUID, Stored]:
-    """Insert the new payments (one statement); every payment's status, by payment id.
+    """Claim the messages and insert the new payments; every payment's status, by id.
 
-    At most one envelope per payment."""
-    payments = [e.payload for e in envelopes]
-    rows = await conn.fetch(
-        _STORE_SQL,
-        [e.message_id for e in envelopes],
-        [p.payment_id for p in payments],
-        [p.reference for p in payments],
-        [p.amount_minor for p in payments],
-        [p.currency for p in payments],
-        [p.customer_id for p in payments],
-        [p.description for p in payments],
-        [p.metadata for p in payments],
-        [p.requested_at for p in payments],
-        [e.correlation_id for e in envelopes],
-        INBOX.consumer,
-        PaymentRequested.TYPE,
-        TransitionSource.API.value,
-        CREATION_REASON,
-    )
-    result = {row["id"]: Stored(PaymentStatus(row["status"]), row["inserted"]) for row in rows}
-    created = sum(stored.inserted for stored in result.values())
-    if created:
-        PAYMENT_TRANSITIONS.labels(
-            source=TransitionSource.API.value,
-            to_status=PaymentStatus.PENDING.value,
-            outcome="applied",
-        ).inc(created)
-    return result
-
-
-def charge_transition(
-    payment_id: uuid.UUID, charge: Charge, correlation_id: str | None = None
-) -> TransitionRequest:
-    """The move a charge's status calls for."""
-    target = CHARGE_OUTCOME[charge.status]
-    return TransitionRequest(
-        payment_id,
-        target,
-        TransitionSource.PROVIDER,
-        reason=f"charge {charge.id} {charge.status}",
-        provider=PROVIDER_NAME,
-        provider_reference=charge.id,
-        failure_reason=charge.decline_reason if target is PaymentStatus.FAILED else None,
-        correlation_id=correlation_id,
+    At most one envelope per payment; inside the caller's transaction."""
+    await INBOX.claim_all(conn, envelopes)
+    return await create_payments(
+        conn,
+        [
+            NewPayment(
+                id=p.payment_id,
+                reference=p.reference,
+                amount_minor=p.amount_minor,
+                currency=p.currency,
+                customer_id=p.customer_id,
+                description=p.description,
+                metadata=p.metadata,
+                created_at=p.requested_at,
+                correlation_id=e.correlation_id,
+            )
+            for e in envelopes
+            for p in (e.payload,)
+        ],
+        source=TransitionSource.API,
+        reason=CREATION_REASON,
     )

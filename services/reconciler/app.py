@@ -11,6 +11,7 @@ from aiohttp import web
 from libs.common.broker.consumer import Handler
 from libs.common.broker.topology import Topology
 from libs.common.messages import Envelope, ReconciliationRequested
+from libs.common.reconciler_store import INBOX
 from libs.common.settings import ReconcilerSettings
 from libs.common.web import (
     DATABASE,
@@ -22,7 +23,7 @@ from libs.common.web import (
     database_context,
     provider_client_context,
 )
-from services.reconciler.runs import Reconciler, RunPolicy, finished_before
+from services.reconciler.runs import Reconciler, RunPolicy
 from services.reconciler.schedule import measure_backlog, run_on_schedule
 
 RECONCILER = web.AppKey("reconciler", Reconciler)
@@ -33,9 +34,10 @@ BACKLOG_INTERVAL_SECONDS = 15.0
 def _on_request(app: web.Application) -> Handler[ReconciliationRequested]:
     async def handle(envelope: Envelope[ReconciliationRequested]) -> None:
         request = envelope.payload
-        if await finished_before(app[DATABASE], request.run_id):
+        # The run claims the message when it records itself as over: seen, it ran.
+        if await app[DATABASE].statement(lambda conn: INBOX.seen(conn, envelope)):
             return
-        await app[RECONCILER].run(trigger=request.trigger, run_id=request.run_id)
+        await app[RECONCILER].run(trigger=request.trigger, run_id=request.run_id, request=envelope)
 
     return handle
 

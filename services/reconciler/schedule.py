@@ -10,6 +10,9 @@ from collections.abc import Awaitable, Callable
 from croniter import croniter
 
 from libs.common.db import Database
+from libs.common.payments_store import oldest_unsettled_ages
+from libs.common.reconciler_store import last_completed_at
+from libs.common.states import PaymentStatus
 from services.reconciler.metrics import LAST_SUCCESSFUL_RUN, OLDEST_UNSETTLED_AGE
 
 log = logging.getLogger(__name__)
@@ -35,21 +38,10 @@ async def measure_backlog(db: Database) -> int:
     """Set the backlog gauges from the database, so every replica reports the same truth.
 
     Returns 0: one round is always enough."""
-    last_success = await db.fetchrow(
-        "SELECT extract(epoch FROM max(finished_at)) AS at FROM reconciler.reconciliation_logs"
-        " WHERE status = 'completed'"
-    )
-    if last_success is not None and last_success["at"] is not None:
-        LAST_SUCCESSFUL_RUN.set(float(last_success["at"]))
-    rows = await db.fetch(
-        """
-        SELECT status, extract(epoch FROM now() - min(created_at)) AS age
-          FROM payments.payments
-         WHERE status IN ('pending', 'processing')
-         GROUP BY status
-        """
-    )
-    ages = {row["status"]: float(row["age"]) for row in rows}
-    for status in ("pending", "processing"):
-        OLDEST_UNSETTLED_AGE.labels(status=status).set(ages.get(status, 0.0))
+    last_success = await last_completed_at(db)
+    if last_success is not None:
+        LAST_SUCCESSFUL_RUN.set(last_success)
+    ages = await oldest_unsettled_ages(db)
+    for status in (PaymentStatus.PENDING, PaymentStatus.PROCESSING):
+        OLDEST_UNSETTLED_AGE.labels(status=status.value).set(ages.get(status, 0.0))
     return 0

@@ -31,19 +31,25 @@ from asyncpg import Record
 
 from libs.common.broker.consumer import PoisonMessage
 from libs.common.db import Connection, Database
-from libs.common.inbox import Inbox
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, WebhookReceived
+from libs.common.payments_store import charge_holder, charge_identities
 from libs.common.state_machine import Transition, TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from libs.common.webhook_events import InvalidEvent, ProviderEvent, parse_event
+from libs.common.webhooks_store import (
+    INBOX,
+    NewEvent,
+    Outcome,
+    count_duplicates,
+    lock_due_orphans,
+    record_outcomes,
+    record_retry_failure,
+    store_events,
+)
 from services.webhooks.metrics import WEBHOOK_EVENTS
 
 log = logging.getLogger(__name__)
-
-INBOX = Inbox("webhooks", "webhooks.webhook-received")
-ORPHAN_ATTEMPTS = 10
-MAX_ORPHAN_DELAY_SECONDS = 300
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,24 +81,6 @@ class WebhookIntake:
                 )
 
 
-_STORE_SQL = """
-INSERT INTO webhooks.webhook_events
-    (id, provider, provider_event_id, event_type, claimed_payment_id, raw_body,
-     headers, signature_scheme, received_at, verified_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-                     $7::jsonb[], $8::text[], $9::timestamptz[], $10::timestamptz[])
-ON CONFLICT (provider, provider_event_id) DO NOTHING
-RETURNING id
-"""
-
-_DUPLICATES_SQL = """
-UPDATE webhooks.webhook_events AS e
-   SET duplicates = e.duplicates + d.n, last_duplicate_at = now()
-  FROM unnest($1::uuid[], $2::int[]) AS d(id, n)
- WHERE e.id = d.id
-"""
-
-
 async def record_and_apply(
     conn: Connection, received: Sequence[tuple[Envelope[WebhookReceived], ProviderEvent]]
 ) -> list[str]:
@@ -106,22 +94,24 @@ async def record_and_apply(
         if envelope.message_id in claimed:
             first.setdefault(event.id, (envelope, event))
     new = list(first.values())
-    stored = {
-        row["id"]
-        for row in await conn.fetch(
-            _STORE_SQL,
-            [event.id for _, event in new],
-            [event.provider for _, event in new],
-            [event.provider_event_id for _, event in new],
-            [event.event_type for _, event in new],
-            [event.claimed_payment_id for _, event in new],
-            [envelope.payload.raw_body for envelope, _ in new],
-            [envelope.payload.headers for envelope, _ in new],
-            [envelope.payload.signature_scheme for envelope, _ in new],
-            [envelope.payload.received_at for envelope, _ in new],
-            [envelope.payload.verified_at for envelope, _ in new],
-        )
-    }
+    stored = await store_events(
+        conn,
+        [
+            NewEvent(
+                id=event.id,
+                provider=event.provider,
+                provider_event_id=event.provider_event_id,
+                event_type=event.event_type,
+                claimed_payment_id=event.claimed_payment_id,
+                raw_body=envelope.payload.raw_body,
+                headers=envelope.payload.headers,
+                signature_scheme=envelope.payload.signature_scheme,
+                received_at=envelope.payload.received_at,
+                verified_at=envelope.payload.verified_at,
+            )
+            for envelope, event in new
+        ],
+    )
     to_apply = [(envelope, event) for envelope, event in new if event.id in stored]
     applied = dict(
         zip(
@@ -149,8 +139,7 @@ async def record_and_apply(
         else:
             duplicates[event.id] = duplicates.get(event.id, 0) + 1
             outcomes.append("duplicate")
-    if duplicates:
-        await conn.execute(_DUPLICATES_SQL, list(duplicates), list(duplicates.values()))
+    await count_duplicates(conn, duplicates)
     return outcomes
 
 
@@ -161,24 +150,6 @@ class _Decision:
     payment_id: uuid.UUID | None = None
     # The move to make, when the event is to be applied.
     move: TransitionRequest | None = None
-
-
-_PAYMENTS_SQL = """
-SELECT id, reference, provider, provider_reference FROM payments.payments
- WHERE id = ANY($1::uuid[])
-"""
-
-_RECORD_SQL = """
-UPDATE webhooks.webhook_events AS e
-   SET status = o.status, error = o.error, payment_id = o.payment_id, processed_at = now(),
-       attempts = e.attempts + 1,
-       next_attempt_at = CASE
-           WHEN o.status = 'orphaned' AND e.attempts + 1 < $5
-           THEN now() + make_interval(secs => least(power(2, e.attempts + 1), $6))
-       END
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS o(id, status, error, payment_id)
- WHERE e.id = o.id
-"""
 
 
 async def apply_event(conn: Connection, event: ProviderEvent) -> str:
@@ -199,7 +170,7 @@ async def apply_events(
     if not events:
         return []
     ids = [event.payment_id for event in events if event.payment_id is not None]
-    payments = {row["id"]: row for row in await conn.fetch(_PAYMENTS_SQL, ids)}
+    payments = await charge_identities(conn, ids)
     decisions = [
         await _decide(conn, event, payments, correlation_id)
         for event, correlation_id in zip(
@@ -222,14 +193,12 @@ async def apply_events(
         for i, transition in zip(this_round.values(), results, strict=True):
             decisions[i] = _outcome(events[i], transition)
         pending = later
-    await conn.execute(
-        _RECORD_SQL,
-        [event.id for event in events],
-        [d.status for d in decisions],
-        [d.error for d in decisions],
-        [d.payment_id for d in decisions],
-        ORPHAN_ATTEMPTS,
-        MAX_ORPHAN_DELAY_SECONDS,
+    await record_outcomes(
+        conn,
+        [
+            Outcome(event.id, d.status, d.error, d.payment_id)
+            for event, d in zip(events, decisions, strict=True)
+        ],
     )
     return [d.status for d in decisions]
 
@@ -298,12 +267,8 @@ async def _charge_conflict(
             f"data.provider_reference {provider_reference!r} is not the payment's charge"
             f" {payment['provider_reference']!r}"
         )
-    taken_by = await conn.fetchval(
-        "SELECT id FROM payments.payments"
-        " WHERE provider IS NOT DISTINCT FROM $1 AND provider_reference = $2 AND id <> $3",
-        payment["provider"],
-        provider_reference,
-        payment_id,
+    taken_by = await charge_holder(
+        conn, payment["provider"], provider_reference, other_than=payment_id
     )
     if taken_by is not None:
         return f"data.provider_reference {provider_reference!r} is another payment's charge"
@@ -314,16 +279,7 @@ async def retry_orphans(db: Database, *, batch_size: int) -> int:
     """Try due orphans again (their payment may exist now). Returns how many were tried."""
 
     async def retry(conn: Connection) -> int:
-        rows = await conn.fetch(
-            """
-            SELECT id, raw_body FROM webhooks.webhook_events
-             WHERE status = 'orphaned' AND next_attempt_at <= now()
-             ORDER BY next_attempt_at
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED
-            """,
-            batch_size,
-        )
+        rows = await lock_due_orphans(conn, batch_size)
         for row in rows:
             # Each orphan in its own savepoint: one that fails must not hold up the rest.
             try:
@@ -332,20 +288,7 @@ async def retry_orphans(db: Database, *, batch_size: int) -> int:
             except (asyncpg.PostgresError, InvalidEvent) as exc:
                 outcome = "failed"
                 log.exception("orphan retry failed", extra={"event_id": str(row["id"])})
-                await conn.execute(
-                    """
-                    UPDATE webhooks.webhook_events
-                       SET attempts = attempts + 1, error = $2,
-                           next_attempt_at = CASE WHEN attempts + 1 < $3
-                               THEN now() + make_interval(secs => least(power(2, attempts + 1), $4))
-                           END
-                     WHERE id = $1
-                    """,
-                    row["id"],
-                    f"retry failed: {exc!r}"[:1000],
-                    ORPHAN_ATTEMPTS,
-                    MAX_ORPHAN_DELAY_SECONDS,
-                )
+                await record_retry_failure(conn, row["id"], f"retry failed: {exc!r}"[:1000])
             WEBHOOK_EVENTS.labels(outcome=f"{outcome}_on_retry").inc()
         return len(rows)
 

@@ -28,6 +28,8 @@ from libs.common.broker.publisher import to_amqp
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import WebhookReceived, wrap
 from libs.common.signing import seed_signature
+from libs.common.state_machine import NewPayment, create_payments
+from libs.common.states import TransitionSource
 from tests.e2e.stack import Stack
 from tests.support import eventually
 
@@ -55,20 +57,17 @@ async def add_payments(db: asyncpg.Connection[Any], n: int) -> list[tuple[uuid.U
     """`n` pending payments with their creation audit rows, in one transaction."""
     ids = [uuid.uuid4() for _ in range(n)]
     references = [f"PAY-{i.hex[:10].upper()}" for i in ids]
-    async with db.transaction():
-        await db.execute(
-            "INSERT INTO payments.payments (id, reference, amount_minor, currency, customer_id)"
-            " SELECT id, ref, 2500, 'USD', 'crash_test'"
-            " FROM unnest($1::uuid[], $2::text[]) AS t(id, ref)",
-            ids,
-            references,
-        )
-        await db.execute(
-            "INSERT INTO payments.payment_events"
-            " (payment_id, from_status, to_status, applied, source, reason)"
-            " SELECT id, NULL, 'pending', true, 'api', 'crash test' FROM unnest($1::uuid[]) AS id",
-            ids,
-        )
+    await create_payments(
+        db,
+        [
+            NewPayment(
+                id=i, reference=r, amount_minor=2500, currency="USD", customer_id="crash_test"
+            )
+            for i, r in zip(ids, references, strict=True)
+        ],
+        source=TransitionSource.API,
+        reason="crash test",
+    )
     return list(zip(ids, references, strict=True))
 
 

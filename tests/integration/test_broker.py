@@ -18,6 +18,7 @@ from libs.common.broker.topology import Topology
 from libs.common.db import Connection, Database
 from libs.common.inbox import Inbox
 from libs.common.messages import Envelope, PaymentRequested, wrap
+from tests.payments_data import create_payment
 from tests.support import eventually
 
 
@@ -221,14 +222,13 @@ async def test_redelivery_after_commit_changes_nothing(broker: Broker, db: Datab
         async def work(conn: Connection) -> None:
             if not await inbox.claim(conn, envelope):
                 return
-            await conn.execute(
-                "INSERT INTO payments.payments (id, reference, amount_minor, currency,"
-                " customer_id) VALUES ($1, $2, $3, $4, $5)",
+            await create_payment(
+                conn,
                 envelope.payload.payment_id,
-                envelope.payload.reference,
-                envelope.payload.amount_minor,
-                envelope.payload.currency,
-                envelope.payload.customer_id,
+                reference=envelope.payload.reference,
+                amount_minor=envelope.payload.amount_minor,
+                currency=envelope.payload.currency,
+                customer_id=envelope.payload.customer_id,
             )
             effects.append(envelope.payload.payment_id)
 

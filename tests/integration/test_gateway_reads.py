@@ -12,10 +12,10 @@ import pytest
 from aiohttp import web
 
 from libs.common.db import Connection, Database
-from libs.common.state_machine import apply_transition, record_creation
 from libs.common.states import PaymentStatus, TransitionSource
 from tests.integration.gateway_client import Gateway
 from tests.openapi import DOCUMENT
+from tests.payments_data import create_payment, move_to
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 
@@ -32,19 +32,16 @@ async def add_payment(
     payment_id = uuid.uuid4()
 
     async def insert(conn: Connection) -> None:
-        await conn.execute(
-            "INSERT INTO payments.payments (id, reference, amount_minor, currency, customer_id,"
-            " created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        await create_payment(
+            conn,
             payment_id,
-            f"PAY-{payment_id.hex[:10].upper()}",
-            amount_minor,
-            currency,
-            customer_id,
-            T0 + dt.timedelta(minutes=minutes),
+            amount_minor=amount_minor,
+            currency=currency,
+            customer_id=customer_id,
+            created_at=T0 + dt.timedelta(minutes=minutes),
         )
-        await record_creation(conn, payment_id, source=TransitionSource.API)
         if status is not PaymentStatus.PENDING:
-            await apply_transition(conn, payment_id, status, source=TransitionSource.WEBHOOK)
+            await move_to(conn, payment_id, status, source=TransitionSource.WEBHOOK)
 
     await db.transaction(insert)
     return payment_id
@@ -53,7 +50,7 @@ async def add_payment(
 async def test_get_payment_shows_it_with_its_history(gateway: Gateway, db: Database) -> None:
     payment_id = await add_payment(db, minutes=0, amount_minor=12345, status=PaymentStatus.FAILED)
     await db.transaction(
-        lambda conn: apply_transition(
+        lambda conn: move_to(
             conn, payment_id, PaymentStatus.COMPLETED, source=TransitionSource.WEBHOOK
         )
     )

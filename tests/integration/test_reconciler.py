@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,10 +16,10 @@ from aiohttp.test_utils import TestServer
 from libs.common.db import Connection, Database
 from libs.common.provider_client import Charge, ProviderClient
 from libs.common.settings import ProviderSettings
-from libs.common.state_machine import apply_transition, record_creation
 from libs.common.states import PaymentStatus, TransitionSource
 from services.provider.app import create_app as create_provider
 from services.reconciler.runs import ADVISORY_LOCK_KEY, Reconciler, RunPolicy
+from tests.payments_data import create_payment, move_to
 from tests.support import eventually, free_port
 from tests.tcp_proxy import TcpProxy
 
@@ -73,16 +74,13 @@ async def add_payment(
     payment_id = uuid.uuid4()
 
     async def insert(conn: Connection) -> None:
-        await conn.execute(
-            "INSERT INTO payments.payments (id, reference, amount_minor, currency, customer_id,"
-            " created_at) VALUES ($1, $2, $3, 'USD', $4, now() - make_interval(secs => $5))",
+        await create_payment(
+            conn,
             payment_id,
-            f"PAY-{payment_id.hex[:10].upper()}",
-            amount_minor,
-            customer_id,
-            float(age_seconds),
+            amount_minor=amount_minor,
+            customer_id=customer_id,
+            created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_seconds),
         )
-        await record_creation(conn, payment_id, source=TransitionSource.API)
 
     await db.transaction(insert)
     return payment_id
@@ -105,7 +103,7 @@ async def charge(db: Database, provider: ProviderClient, payment_id: uuid.UUID) 
     )
     if created.status == "processing":
         await db.transaction(
-            lambda conn: apply_transition(
+            lambda conn: move_to(
                 conn,
                 payment_id,
                 PaymentStatus.PROCESSING,
@@ -182,7 +180,7 @@ async def test_settles_processing_payments_as_the_provider_says(
     # Declined at once by the provider: still `processing` here, as if its webhook was lost.
     for payment_id in declined:
         await db.transaction(
-            lambda conn, payment_id=payment_id: apply_transition(
+            lambda conn, payment_id=payment_id: move_to(
                 conn, payment_id, PaymentStatus.PROCESSING, source=TransitionSource.PROVIDER
             )
         )
@@ -452,7 +450,7 @@ class WebhookLandsMeanwhile(ProviderClient):
             PaymentStatus.COMPLETED if charges[0].status == "succeeded" else (PaymentStatus.FAILED)
         )
         transition = await self.db.transaction(
-            lambda conn: apply_transition(
+            lambda conn: move_to(
                 conn, payment_id, target, source=TransitionSource.WEBHOOK, reason="webhook"
             )
         )

@@ -10,13 +10,9 @@ import pytest
 
 from libs.common.db import Connection, Database
 from libs.common.logs import correlation_scope
-from libs.common.state_machine import (
-    TransitionRequest,
-    apply_transition,
-    apply_transitions,
-    record_creation,
-)
+from libs.common.state_machine import TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
+from tests.payments_data import create_payment, move_to
 
 P = PaymentStatus
 
@@ -73,7 +69,7 @@ async def test_transition(db: Database, from_status: P, to_status: P) -> None:
 
     with correlation_scope("corr-123"):
         result = await db.transaction(
-            lambda conn: apply_transition(
+            lambda conn: move_to(
                 conn, payment_id, to_status, source=TransitionSource.WEBHOOK, reason="event e1"
             )
         )
@@ -137,7 +133,7 @@ async def test_a_batch_refuses_two_moves_of_one_payment(db: Database) -> None:
 async def test_transition_sets_provider_fields_only_when_applied(db: Database) -> None:
     payment_id = await insert_payment(db, P.PENDING)
     await db.transaction(
-        lambda conn: apply_transition(
+        lambda conn: move_to(
             conn,
             payment_id,
             P.PROCESSING,
@@ -147,7 +143,7 @@ async def test_transition_sets_provider_fields_only_when_applied(db: Database) -
         )
     )
     await db.transaction(
-        lambda conn: apply_transition(
+        lambda conn: move_to(
             conn, payment_id, P.PENDING, source=TransitionSource.API, failure_reason="nope"
         )
     )
@@ -168,7 +164,7 @@ async def test_transition_sets_provider_fields_only_when_applied(db: Database) -
 async def test_unknown_payment_is_reported_and_nothing_is_written(db: Database) -> None:
     missing = uuid.uuid4()
     result = await db.transaction(
-        lambda conn: apply_transition(conn, missing, P.COMPLETED, source=TransitionSource.WEBHOOK)
+        lambda conn: move_to(conn, missing, P.COMPLETED, source=TransitionSource.WEBHOOK)
     )
     assert not result.found
     assert not result.applied
@@ -179,7 +175,7 @@ async def test_audit_rolls_back_with_the_callers_transaction(db: Database) -> No
     payment_id = await insert_payment(db, P.PROCESSING)
 
     async def transition_then_fail(conn: Connection) -> None:
-        await apply_transition(conn, payment_id, P.COMPLETED, source=TransitionSource.WEBHOOK)
+        await move_to(conn, payment_id, P.COMPLETED, source=TransitionSource.WEBHOOK)
         raise RuntimeError("the caller's next write failed")
 
     with pytest.raises(RuntimeError):
@@ -194,7 +190,7 @@ async def test_concurrent_conflicting_transitions_apply_exactly_one(db: Database
     results = await asyncio.gather(
         *(
             db.transaction(
-                lambda conn, target=target: apply_transition(
+                lambda conn, target=target: move_to(
                     conn, payment_id, target, source=TransitionSource.RECONCILER
                 )
             )
@@ -211,11 +207,9 @@ async def test_concurrent_conflicting_transitions_apply_exactly_one(db: Database
     assert {a["from_status"] for a in audit if not a["applied"]} == {applied[0].to_status.value}
 
 
-async def test_record_creation_writes_the_first_audit_row(db: Database) -> None:
-    payment_id = await insert_payment(db, P.PENDING)
-    await db.transaction(
-        lambda conn: record_creation(conn, payment_id, source=TransitionSource.API)
-    )
+async def test_creation_writes_the_first_audit_row(db: Database) -> None:
+    payment_id = uuid.uuid4()
+    await db.transaction(lambda conn: create_payment(conn, payment_id))
     [audit] = await audit_of(db, payment_id)
     assert audit["from_status"] is None
     assert audit["to_status"] == "pending"

@@ -27,9 +27,10 @@ from libs.common.broker.consumer import PoisonMessage
 from libs.common.db import Connection, Database
 from libs.common.messages import Envelope, WebhookReceived, wrap
 from libs.common.signing import seed_signature
-from libs.common.state_machine import record_creation
-from libs.common.states import PaymentStatus, TransitionSource
-from services.webhooks.handling import ORPHAN_ATTEMPTS, WebhookIntake, retry_orphans
+from libs.common.states import PaymentStatus
+from libs.common.webhooks_store import ORPHAN_ATTEMPTS
+from services.webhooks.handling import WebhookIntake, retry_orphans
+from tests.payments_data import create_payment
 
 P = PaymentStatus
 SECRET = "webhook-secret-key"
@@ -49,13 +50,7 @@ async def add_payment(db: Database, payment_id: uuid.UUID | None = None) -> Paym
     payment = Payment(payment_id, f"PAY-{payment_id.hex[:10].upper()}")
 
     async def insert(conn: Connection) -> None:
-        await conn.execute(
-            "INSERT INTO payments.payments (id, reference, amount_minor, currency, customer_id)"
-            " VALUES ($1, $2, 10000, 'USD', 'test_customer')",
-            payment.id,
-            payment.reference,
-        )
-        await record_creation(conn, payment.id, source=TransitionSource.API)
+        await create_payment(conn, payment.id, reference=payment.reference)
 
     await db.transaction(insert)
     return payment

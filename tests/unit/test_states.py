@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from libs.common.states import TERMINAL, PaymentStatus, is_allowed
+from libs.common.states import ALLOWED_FROM, PaymentStatus
 
 P = PaymentStatus
+# The statuses nothing moves on from.
+TERMINAL = frozenset(s for s in P if not any(s in froms for froms in ALLOWED_FROM.values()))
+
+
+def is_allowed(from_status: PaymentStatus, to_status: PaymentStatus) -> bool:
+    return from_status in ALLOWED_FROM[to_status]
 
 
 def test_terminal_statuses() -> None:
