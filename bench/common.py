@@ -17,7 +17,15 @@ from bench.load import build_request
 from libs.common.broker.publisher import to_amqp
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import PaymentRequested, wrap
+from libs.common.provider_client import PROVIDER_NAME
 from libs.common.signing import signature_headers
+from libs.common.state_machine import (
+    NewPayment,
+    TransitionRequest,
+    apply_transitions,
+    create_payments,
+)
+from libs.common.states import PaymentStatus, TransitionSource
 
 T = TypeVar("T")
 
@@ -121,22 +129,40 @@ async def seed_processing_payments(
     ids = [uuid.uuid4() for _ in range(n)]
     references = ["PAY-" + i.hex[:12].upper() for i in ids]
     charges = ["ch_" + i.hex[:24] for i in ids]
+    created_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_seconds)
     conn = await stack.connect()
     try:
-        await conn.execute(
-            """
-            INSERT INTO payments.payments
-                (id, reference, amount_minor, currency, customer_id, description, status,
-                 provider, provider_reference, created_at, updated_at)
-            SELECT id, ref, 10000, 'USD', 'bench', 'bench', 'processing', 'simulated', charge,
-                   now() - make_interval(secs => $4), now() - make_interval(secs => $4)
-              FROM unnest($1::uuid[], $2::text[], $3::text[]) AS s(id, ref, charge)
-            """,
-            ids,
-            references,
-            charges,
-            age_seconds,
-        )
+        async with conn.transaction():
+            await create_payments(
+                conn,
+                [
+                    NewPayment(
+                        id=i,
+                        reference=r,
+                        amount_minor=10000,
+                        currency="USD",
+                        customer_id="bench",
+                        description="bench",
+                        created_at=created_at,
+                    )
+                    for i, r in zip(ids, references, strict=True)
+                ],
+                source=TransitionSource.API,
+                reason="bench seed",
+            )
+            await apply_transitions(
+                conn,
+                [
+                    TransitionRequest(
+                        i,
+                        PaymentStatus.PROCESSING,
+                        TransitionSource.PROVIDER,
+                        provider=PROVIDER_NAME,
+                        provider_reference=c,
+                    )
+                    for i, c in zip(ids, charges, strict=True)
+                ],
+            )
     finally:
         await conn.close()
     return list(zip(ids, references, charges, strict=True))

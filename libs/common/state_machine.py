@@ -4,18 +4,20 @@ Every service (payments, webhooks, reconciler) creates payments only through
 `create_payments` and moves them only through `apply_transitions`, inside the caller's
 transaction or as a statement of its own. Each is a single SQL statement: lock the rows,
 update each only if the move is allowed from its current status, and append an audit row
-per move saying what was asked, by whom, and whether it was applied or refused. These
-statements are the only writes to the `payments` schema besides the inbox, and the only
-place that writes its audit table. Two concurrent moves of
-one payment serialize on the row lock, and the second one sees the first one's result,
-so a late or duplicate event can never move a payment backwards. Rows are locked in id
-order, so two batches touching the same payments cannot deadlock.
+per move saying what was asked, by whom, and whether it was applied or refused. They are
+the only writes on the payments schema besides its inbox (reads are in
+`libs.common.payments_store`), and `_AUDIT_CTE` is the only writer of its audit table.
+
+Two concurrent moves of one payment serialize on the row lock, and the second one sees
+the first one's result, so a late or duplicate event can never move a payment backwards.
+Rows are locked in id order, so two batches touching the same payments cannot deadlock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -143,14 +145,14 @@ _CREATE_SQL = f"""
 WITH incoming AS (
     SELECT *
       FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                  $7::jsonb[], $8::timestamptz[], $9::text[])
+                  $7::text[], $8::timestamptz[], $9::text[])
         AS i(id, reference, amount_minor, currency, customer_id, description, metadata,
              created_at, correlation_id)
 ), inserted AS (
     INSERT INTO payments.payments
         (id, reference, amount_minor, currency, customer_id, description, metadata,
          created_at, updated_at)
-    SELECT id, reference, amount_minor, currency, customer_id, description, metadata,
+    SELECT id, reference, amount_minor, currency, customer_id, description, metadata::jsonb,
            COALESCE(created_at, now()), COALESCE(created_at, now())
       FROM incoming
     ON CONFLICT (id) DO NOTHING
@@ -214,7 +216,8 @@ async def create_payments(
         [p.currency for p in payments],
         [p.customer_id for p in payments],
         [p.description for p in payments],
-        [p.metadata for p in payments],
+        # As JSON text: the statement works on any connection, with or without a jsonb codec.
+        [json.dumps(p.metadata) for p in payments],
         [p.created_at for p in payments],
         [p.correlation_id or context_correlation_id for p in payments],
         PaymentStatus.PENDING.value,

@@ -1,7 +1,9 @@
 """The database schema, as SQLAlchemy Core metadata: the source of truth for migrations.
 
-One PostgreSQL schema per owning service. Services query with plain SQL through asyncpg
-(see each service's queries module); these definitions are what Alembic migrations are
+One PostgreSQL schema per owning service. Services query with plain SQL through asyncpg,
+each schema only through its owner's module (`libs.common.state_machine` and
+`payments_store`, `webhooks_store`, `reconciler_store`; the gateway's and the provider's
+own modules for theirs); these definitions are what Alembic migrations are
 written from and checked against (tests/integration/test_migrations.py).
 """
 

@@ -65,7 +65,7 @@ class PaymentIntake:
         if log.isEnabledFor(logging.DEBUG):
             for envelope in unique:
                 if stored[envelope.payload.payment_id].inserted:
-                    # Logged once it committed: the statement above may run more than once.
+                    # Logged once it committed: the transaction above may run more than once.
                     with correlation_scope(envelope.correlation_id):
                         log.debug(
                             "payment stored",
