@@ -16,9 +16,14 @@ from typing import Any
 from asyncpg import Record
 
 from libs.common.db import Connection, Database
+from libs.common.inbox import Inbox
 from libs.common.provider_client import PROVIDER_NAME, Charge
 from libs.common.state_machine import TransitionRequest
 from libs.common.states import PaymentStatus, TransitionSource
+
+# The payments service's consumer of `payment.requested` claims its messages here in the
+# transaction that stores their payments.
+INBOX = Inbox("payments", "payments.payment-requested")
 
 # What the provider's charge status means for the payment.
 CHARGE_OUTCOME = {

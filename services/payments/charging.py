@@ -28,10 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from libs.common.db import Connection, Database
-from libs.common.inbox import Inbox
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, PaymentRequested
-from libs.common.payments_store import charge_transition
+from libs.common.payments_store import INBOX, charge_transition
 from libs.common.provider_client import ProviderClient, ProviderRejected, ProviderUnavailable
 from libs.common.state_machine import (
     NewPayment,
@@ -44,8 +43,6 @@ from libs.common.states import PaymentStatus, TransitionSource
 from services.payments.metrics import CHARGE_REQUESTS
 
 log = logging.getLogger(__name__)
-
-INBOX = Inbox("payments", "payments.payment-requested")
 
 CREATION_REASON = "accepted by gateway"
 
