@@ -39,21 +39,33 @@ def minor_unit_exponent(code: str) -> int:
 
 
 def to_minor_units(amount: Decimal, currency: str) -> int:
+    """`amount` as an exact count of `currency`'s minor units, or MoneyError.
+
+    Computed from the amount's digits and exponent, never through Decimal arithmetic:
+    that rounds to the context's 28 digits (10.000…0001 would pass for 10.00) and
+    overflows or underflows on exponents such as 1e999999999 or 1e-999999999."""
     exponent = minor_unit_exponent(currency)
     if not amount.is_finite():
         raise MoneyError("invalid_amount", "amount must be a finite number.")
     if amount <= 0:
         raise MoneyError("invalid_amount", "amount must be greater than zero.")
-    minor = amount.scaleb(exponent)
-    if minor != minor.to_integral_value():
+    _, digits, power = amount.as_tuple()
+    power = int(power)  # an int for a finite Decimal ("n", "N", "F" only otherwise)
+    significant = "".join(map(str, digits)).rstrip("0")
+    # amount = int(significant) * 10**shift minor units.
+    shift = power + exponent + (len(digits) - len(significant))
+    if shift < 0:
         allowed = f"at most {exponent} decimal places" if exponent else "no decimal places"
         raise MoneyError("amount_too_precise", f"{currency} amounts have {allowed}.")
-    if minor > MAX_AMOUNT_MINOR:
+    # Compared by length first, so an amount with thousands of digits is never an int.
+    too_large = len(significant) + shift > len(str(MAX_AMOUNT_MINOR))
+    minor = 0 if too_large else int(significant) * 10**shift
+    if too_large or minor > MAX_AMOUNT_MINOR:
         raise MoneyError(
             "amount_too_large",
             f"amount must be at most {format_minor_units(MAX_AMOUNT_MINOR, currency)}.",
         )
-    return int(minor)
+    return minor
 
 
 def format_minor_units(amount_minor: int, currency: str) -> str:

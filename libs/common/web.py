@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import uvloop
@@ -29,6 +30,7 @@ from libs.common.broker.topology import QueueSpec, Topology
 from libs.common.db import Database, is_transient
 from libs.common.errors import ApiError as ApiError  # re-exported for route modules
 from libs.common.errors import service_unavailable
+from libs.common.json_body import JsonError, check_json, parse_object
 from libs.common.logs import CORRELATION_HEADER, correlation_scope
 from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
@@ -42,11 +44,9 @@ from libs.common.settings import (
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", BaseServiceSettings)
 DATABASE = web.AppKey("database", Database)
 BROKER = web.AppKey("broker", Broker)
 PROVIDER = web.AppKey("provider", ProviderClient)
-CORRELATION_ID = web.RequestKey("correlation_id", str)
 
 _CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 READY_TIMEOUT_SECONDS = 2.0
@@ -71,7 +71,6 @@ async def observe_requests(
 ) -> web.StreamResponse:
     incoming = request.headers.get(CORRELATION_HEADER, "")
     with correlation_scope(incoming if _CORRELATION_ID_RE.match(incoming) else None) as cid:
-        request[CORRELATION_ID] = cid
         started = time.perf_counter()
         status = 500
         try:
@@ -143,6 +142,33 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def refuse_json(exc: JsonError) -> ApiError:
+    """The answer to a body libs.common.json_body refused: always a 400."""
+    return ApiError(400, exc.code, exc.message)
+
+
+async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """A JSON request's body as an object: Content-Type, then at most `limit` bytes, then
+    libs.common.json_body's strict parse (UTF-8, depth, syntax, an object)."""
+    require_json(request)
+    raw = await read_body(request, limit)
+    try:
+        return parse_object(raw).value
+    except JsonError as exc:
+        raise refuse_json(exc) from None
+
+
+async def read_checked_json(request: web.Request, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8 JSON nested no deeper than json_body allows, for a
+    route that hands the bytes to pydantic's own JSON parser."""
+    raw = await read_body(request, limit)
+    try:
+        check_json(raw)
+    except JsonError as exc:
+        raise refuse_json(exc) from None
+    return raw
+
+
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -176,7 +202,6 @@ async def metrics(_: web.Request) -> web.Response:
 
 def create_service_app(settings: BaseServiceSettings) -> web.Application:
     app = web.Application(middlewares=[observe_requests], client_max_size=1024**2)
-    app[SETTINGS] = settings
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

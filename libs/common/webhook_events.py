@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
+from libs.common.json_body import JsonError, parse_object
 from libs.common.states import PaymentStatus
 
 # The status each event type moves a payment to; other types are recorded and ignored.
@@ -90,18 +90,12 @@ def event_uuid(provider: str, provider_event_id: str) -> uuid.UUID:
 
 def parse_event(raw: bytes) -> ProviderEvent:
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidEvent("the body is not UTF-8") from None
-    stripped = text.lstrip()
+        parsed = parse_object(raw, lenient=True)
+    except JsonError as exc:
+        # Said after "the webhook body is not an event: " (see services.gateway.webhooks).
+        raise InvalidEvent(exc.message[0].lower() + exc.message[1:].rstrip(".")) from None
     try:
-        value, end = json.JSONDecoder().raw_decode(stripped)
-    except json.JSONDecodeError as exc:
-        raise InvalidEvent(f"the body is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidEvent("the body must be a JSON object")
-    try:
-        payload = _Payload.model_validate(value)
+        payload = _Payload.model_validate(parsed.value)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -116,5 +110,5 @@ def parse_event(raw: bytes) -> ProviderEvent:
         reference=payload.data.reference,
         provider_reference=payload.data.provider_reference,
         decline_reason=payload.data.decline_reason,
-        trailing_bytes=bool(stripped[end:].strip()),
+        trailing_bytes=parsed.trailing_bytes,
     )

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from libs.common.errors import ApiError
 from libs.common.settings import GatewaySettings
-from libs.common.web import BROKER, DATABASE, read_body, require_json
+from libs.common.web import BROKER, DATABASE, read_body, read_json_object
 from services.gateway.access import ANONYMOUS, PROTECTED_PREFIXES, ApiKeys, RateLimits
 from services.gateway.idempotency import IdempotencyKeys, check_key
 from services.gateway.intake import accept_payment
@@ -28,7 +28,7 @@ from services.gateway.reconciliations import (
     parse_run_id,
     request_run,
 )
-from services.gateway.validation import MAX_BODY_BYTES, parse_json_object, parse_payment_order
+from services.gateway.validation import MAX_BODY_BYTES, parse_payment_order
 from services.gateway.webhooks import MAX_WEBHOOK_BYTES, get_event, parse_event_id, receive_webhook
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,8 +63,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def pay(request: web.Request) -> web.Response:
-    require_json(request)
-    order = parse_payment_order(parse_json_object(await read_body(request, MAX_BODY_BYTES)))
+    order = parse_payment_order(await read_json_object(request, MAX_BODY_BYTES))
     key = request.headers.get("Idempotency-Key")
     accepted = await accept_payment(
         order,

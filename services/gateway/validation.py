@@ -1,7 +1,7 @@
-"""Turning request bytes into a valid payment order, or into a clear 4xx.
+"""Turning a decoded request body into a valid payment order, or into a clear 422.
 
-JSON numbers are parsed as Decimal, never float, so `100.00` is exactly one hundred.
-Duplicate keys, NaN and Infinity are refused rather than silently resolved.
+The body arrives decoded by libs.common.json_body, numbers as Decimal (never float), so
+`100.00` is exactly one hundred.
 """
 
 from __future__ import annotations
@@ -30,43 +30,6 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_METADATA_KEYS = 20
 MAX_METADATA_KEY_LENGTH = 40
 MAX_METADATA_VALUE_LENGTH = 500
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-# Built once: json.loads with options builds a new decoder on every call.
-_DECODER = json.JSONDecoder(
-    parse_float=Decimal,
-    parse_int=Decimal,
-    parse_constant=_refuse_constant,
-    object_pairs_hook=_unique_keys,
-)
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a UTF-8 JSON object with exact numbers; ApiError(400) otherwise."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "invalid_encoding", "The body must be UTF-8 encoded JSON.") from None
-    try:
-        value = _DECODER.decode(text)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"The body is not valid JSON: {exc}.") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_body", "The body must be a JSON object.")
-    return value
 
 
 def _amount(value: object) -> Decimal:

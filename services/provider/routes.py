@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from libs.common.errors import ApiError, service_unavailable
-from libs.common.web import DATABASE
+from libs.common.web import DATABASE, read_checked_json
 from services.provider.charges import (
     Charge,
     ChargeRequest,
@@ -28,6 +28,8 @@ from services.provider.keys import SIMULATION
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
+# A charge request is a few hundred bytes.
+MAX_CHARGE_BYTES = 64 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -99,7 +101,7 @@ def _charge_request(body: bytes) -> ChargeRequest:
 async def create(request: web.Request) -> web.Response:
     _refuse_if_unavailable(request)
     key = _idempotency_key(request)
-    charge_request = _charge_request(await request.read())
+    charge_request = _charge_request(await read_checked_json(request, MAX_CHARGE_BYTES))
     try:
         result = await create_charge(
             request.app[DATABASE], request.app[SIMULATION], key, charge_request
