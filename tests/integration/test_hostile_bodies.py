@@ -98,8 +98,15 @@ def wide(draw: st.DrawFn) -> bytes:
 
 
 _huge = st.sampled_from(
-    [b"9" * 5000, b"-" + b"9" * 5000, b"1e999999999", b"1e-999999999", b"1E+99999999999999999999"]
-    + [b"0." + b"0" * 5000 + b"1", b"10.0000000000000000000000000000001"]
+    [
+        b"9" * 5000,
+        b"-" + b"9" * 5000,
+        b"1e999999999",
+        b"1e-999999999",
+        b"1E+99999999999999999999",
+        b"0." + b"0" * 5000 + b"1",
+        b"10.0000000000000000000000000000001",
+    ]
 )
 
 
@@ -207,7 +214,9 @@ async def stored_rows(database_url: str) -> dict[str, int]:
             "   AND table_schema NOT IN ('pg_catalog', 'information_schema', 'public')"
         )
         return {
-            row["name"]: await conn.fetchval(f"SELECT count(*) FROM {row['name']}")  # noqa: S608 - names from the catalog
+            row["name"]: await conn.fetchval(
+                f"SELECT count(*) FROM {row['name']}"
+            )  # names from the catalog
             for row in tables
         }
     finally:
