@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +142,11 @@ def test_minor_units_are_exact_however_the_amount_is_spelled(
     spelled = f"{whole}.{fraction:0{exponent}d}{'0' * zeros}" if exponent or zeros else str(whole)
     assert to_minor_units(Decimal(spelled), currency) == minor
     assert to_minor_units(Decimal(f"{minor}{'0' * zeros}e-{exponent + zeros}"), currency) == minor
+
+
+def test_readme_and_openapi_state_the_depth_limit() -> None:
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    openapi = (root / "services" / "gateway" / "openapi.json").read_text()
+    assert readme.count(f"{MAX_DEPTH} levels") >= 3
+    assert openapi.count(f"{MAX_DEPTH} levels") == 2
