@@ -125,7 +125,7 @@ async def _ready(_: web.Request) -> web.Response:
 def _gateway_middlewares_app() -> web.Application:
     """An app with the gateway's middlewares and none of its routes."""
     settings = load_settings(GatewaySettings)
-    app = create_service_app(settings)  # it has its own /ready
+    app = create_service_app()  # it has its own /ready
     add_guard(app, settings)
     return app
 

@@ -200,7 +200,7 @@ async def metrics(_: web.Request) -> web.Response:
     return response
 
 
-def create_service_app(settings: BaseServiceSettings) -> web.Application:
+def create_service_app() -> web.Application:
     app = web.Application(middlewares=[observe_requests], client_max_size=1024**2)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -42,10 +42,6 @@ class ApiKeys:
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = [(key.encode(), key_id(key)) for key in keys]
 
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
     def identify(self, authorization: str | None) -> str:
         """The caller's identity, or ApiError(401). Without keys configured: anonymous."""
         if not self._keys:

@@ -31,7 +31,7 @@ async def _idempotency_keys(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
-    app = create_service_app(settings)
+    app = create_service_app()
     app[GATEWAY_SETTINGS] = settings
     # Its code leaves no session state on a connection: skip the reset round trip.
     app.cleanup_ctx.append(database_context(settings, session_state=False))

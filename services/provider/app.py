@@ -36,7 +36,7 @@ POLL_INTERVAL_SECONDS = 0.1
 
 
 def create_app(settings: ProviderSettings) -> web.Application:
-    app = create_service_app(settings)
+    app = create_service_app()
     app[SIMULATION] = Simulation.from_settings(settings)
     add_routes(app)
     target = WebhookTarget(

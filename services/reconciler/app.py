@@ -46,7 +46,7 @@ def create_app(
     settings: ReconcilerSettings, *, topology: Topology | None = None
 ) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
-    app = create_service_app(settings)
+    app = create_service_app()
     policy = RunPolicy(
         min_age_seconds=settings.reconcile_min_age_seconds,
         resubmit_max_age_seconds=settings.reconcile_resubmit_max_age_seconds,

@@ -53,10 +53,6 @@ class NotFound(CtlError):
     """What was asked for is not there (a parked message, for instance)."""
 
 
-class Failed(CtlError):
-    """The operation ran and reported failure (a reconciliation run that failed)."""
-
-
 class Usage(CtlError):
     """The command line or the configuration cannot work."""
 
