@@ -27,7 +27,8 @@ import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/payment_api"
-# Start order: what others call first. Ports are DESIGN.md's defaults.
+# Start order: what others call first. Ports: each service's default PORT (README's
+# configuration table).
 SERVICES = {
     "provider": 3100,
     "payments": 9101,

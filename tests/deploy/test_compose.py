@@ -37,7 +37,8 @@ APP_SETTINGS: dict[str, type[config.BaseServiceSettings]] = {
     "provider": config.ProviderSettings,
     "migrate": config.DatabaseSettings,
 }
-DESIGN_PORTS = {
+# Each service's default PORT, as README's configuration table gives it.
+DEFAULT_PORTS = {
     "gateway": 3000,
     "provider": 3100,
     "payments": 9101,
@@ -109,12 +110,12 @@ def test_every_address_that_defaults_to_localhost_is_set(name: str) -> None:
             assert "localhost" not in str(environment[field.upper()])
 
 
-@pytest.mark.parametrize("name", list(DESIGN_PORTS))
+@pytest.mark.parametrize("name", list(DEFAULT_PORTS))
 def test_ports_match_what_the_service_serves(name: str) -> None:
     service = SERVICES[name]
-    assert service["environment"]["PORT"] == str(DESIGN_PORTS[name])
+    assert service["environment"]["PORT"] == str(DEFAULT_PORTS[name])
     for mapping in service.get("ports", []):
-        assert mapping.rsplit(":", 1)[1] == str(DESIGN_PORTS[name])
+        assert mapping.rsplit(":", 1)[1] == str(DEFAULT_PORTS[name])
 
 
 def test_the_image_healthcheck_asks_each_service_on_its_own_port() -> None:
@@ -123,7 +124,7 @@ def test_the_image_healthcheck_asks_each_service_on_its_own_port() -> None:
     probe = " ".join(json.loads(healthcheck.group(1).replace("\\\n", "")))
     assert "os.environ.get('PORT'" in probe
     assert "/health" in probe
-    for name in DESIGN_PORTS:
+    for name in DEFAULT_PORTS:
         assert "healthcheck" not in SERVICES[name], "the image's healthcheck serves every service"
 
 

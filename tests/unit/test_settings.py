@@ -1,4 +1,5 @@
-"""Configuration: DESIGN.md's names and defaults, and production's refusals."""
+"""Configuration: the names and defaults README's configuration table gives (the seed
+project's, kept for its users), and production's refusals."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_defaults_match_design() -> None:
+def test_defaults_are_the_documented_ones() -> None:
     gateway = GatewaySettings()
     assert gateway.port == 3000
     assert gateway.database_dsn() == "postgresql://admin:password123@localhost:5432/payment_api"
