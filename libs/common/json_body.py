@@ -77,6 +77,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _exact_number(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # an exponent past what Decimal holds, as in 1e99999999999999999999
+        raise ValueError(f"the number {text[:40]} is out of range") from None
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -88,12 +95,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # Built once: json.loads with options builds a new decoder on every call.
 _STRICT = json.JSONDecoder(
-    parse_float=Decimal,
-    parse_int=Decimal,
+    parse_float=_exact_number,
+    parse_int=_exact_number,
     parse_constant=_refuse_constant,
     object_pairs_hook=_unique_keys,
 )
-_LENIENT = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
+_LENIENT = json.JSONDecoder(parse_float=_exact_number, parse_int=_exact_number)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -76,6 +76,8 @@ def test_depth_scan_is_linear_on_hostile_quotes_and_brackets() -> None:
         (b"[1]", "invalid_body"),
         (b"null", "invalid_body"),
         (b'"text"', "invalid_body"),
+        # Past the largest exponent Decimal holds: InvalidOperation, a 500, before.
+        (b'{"amount": 1E+99999999999999999999}', "invalid_json"),
     ],
 )
 def test_refusals(raw: bytes, code: str, lenient: bool) -> None:
