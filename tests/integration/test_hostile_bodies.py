@@ -10,6 +10,7 @@ table has a row more and no queue a message.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import re
@@ -320,3 +321,15 @@ async def test_signed_webhook_with_deeply_nested_data_is_400(
 async def test_unsigned_deep_webhook_is_still_401_before_any_parsing(gateway: Gateway) -> None:
     answer = await gateway.call("POST", "/api/webhooks", data=nested_list(100_000))
     assert (answer.status, answer.body["error"]) == (401, "signature_missing")
+
+
+# --- JSON in a query: the list's cursor --------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 3000])
+async def test_a_deeply_nested_cursor_is_400(gateway: Gateway, depth: int) -> None:
+    """A cursor is base64 JSON the client hands back; 3,000 levels fit in a URL and
+    used to end in a RecursionError (500)."""
+    cursor = base64.urlsafe_b64encode(nested_list(depth)).decode().rstrip("=")
+    answer = await gateway.call("GET", f"/api/payments?cursor={cursor}")
+    assert (answer.status, answer.body["error"]) == (400, "invalid_cursor")
