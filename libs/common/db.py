@@ -21,7 +21,8 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from libs.common.settings import DatabaseSettings
+from libs.common.settings import DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, DatabaseSettings
+from libs.common.shutdown import bounded
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,11 @@ class Database:
         )
         return cls(pool, acquire_timeout=settings.db_acquire_timeout_seconds)
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS) -> None:
+        """Close the pool, waiting at most `timeout_seconds` for connections in use to be
+        released; then terminate what is left (its transactions roll back)."""
+        if not await bounded(self.pool.close(), timeout_seconds, "close database pool"):
+            self.pool.terminate()
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` inside one transaction; retried whole on connection loss."""

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_DB_PASSWORD = "password123"  # noqa: S105 - the seed's development default, refused in production
 DEFAULT_WEBHOOK_SECRET = "webhook-secret-key"  # noqa: S105 - same: refused in production
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 10.0
 
 
 class Environment(enum.StrEnum):
@@ -55,7 +56,7 @@ class BaseServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     host: str = "0.0.0.0"  # noqa: S104 - services run in containers and must listen beyond loopback
     log_level: str = "INFO"
-    shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
+    shutdown_timeout_seconds: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, gt=0)
 
     @property
     def is_production(self) -> bool:

@@ -11,7 +11,6 @@ in-flight work before the broker connection and the pool close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import re
@@ -36,17 +35,22 @@ from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 from libs.common.provider_client import ProviderClient
 from libs.common.settings import (
+    DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
     BaseServiceSettings,
     BrokerSettings,
     DatabaseSettings,
     ProviderClientSettings,
 )
+from libs.common.shutdown import bounded, stop_task
 
 log = logging.getLogger(__name__)
 
 DATABASE = web.AppKey("database", Database)
 BROKER = web.AppKey("broker", Broker)
 PROVIDER = web.AppKey("provider", ProviderClient)
+# The bound on each resource's stop: SHUTDOWN_TIMEOUT_SECONDS of the settings the pool and
+# broker contexts are built with (every service has one), read by every cleanup context.
+SHUTDOWN_TIMEOUT = web.AppKey("shutdown_timeout", float)
 
 _CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 READY_TIMEOUT_SECONDS = 2.0
@@ -208,6 +212,11 @@ def create_service_app() -> web.Application:
     return app
 
 
+def shutdown_timeout(app: web.Application) -> float:
+    """How long each resource of `app` may take to stop (see SHUTDOWN_TIMEOUT)."""
+    return app.get(SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+
+
 def database_context(settings: DatabaseSettings, *, session_state: bool = True) -> CleanupContext:
     """The pool; `session_state=False` for a service that never leaves session state
     (advisory locks, settings, cursors) on a connection (see `Database.connect`)."""
@@ -215,8 +224,9 @@ def database_context(settings: DatabaseSettings, *, session_state: bool = True) 
     async def context(app: web.Application) -> AsyncIterator[None]:
         database = await Database.connect(settings, session_state=session_state)
         app[DATABASE] = database
+        app[SHUTDOWN_TIMEOUT] = settings.shutdown_timeout_seconds
         yield
-        await database.close()
+        await database.close(settings.shutdown_timeout_seconds)
 
     return context
 
@@ -227,19 +237,21 @@ def broker_context(
     async def context(app: web.Application) -> AsyncIterator[None]:
         broker = await Broker.connect(settings, name=name, topology=topology)
         app[BROKER] = broker
+        app[SHUTDOWN_TIMEOUT] = settings.shutdown_timeout_seconds
         yield
-        await broker.close()
+        await bounded(broker.close(), settings.shutdown_timeout_seconds, "close broker connection")
 
     return context
 
 
 def provider_client_context(settings: ProviderClientSettings) -> CleanupContext:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession() as session:
-            app[PROVIDER] = ProviderClient(
-                session, settings.provider_url, timeout_seconds=settings.provider_timeout_seconds
-            )
-            yield
+        session = aiohttp.ClientSession()
+        app[PROVIDER] = ProviderClient(
+            session, settings.provider_url, timeout_seconds=settings.provider_timeout_seconds
+        )
+        yield
+        await bounded(session.close(), settings.shutdown_timeout_seconds, "close provider client")
 
     return context
 
@@ -251,7 +263,6 @@ def consumer_context(
     *,
     make_batch_handler: Callable[[web.Application], BatchHandler[P]] | None = None,
     batches_in_flight: int = 4,
-    shutdown_timeout: float,
 ) -> CleanupContext:
     """Consume `queue` with the handlers built from the app's resources (see Consumer)."""
 
@@ -267,7 +278,7 @@ def consumer_context(
         )
         await consumer.start()
         yield
-        await consumer.stop(grace_seconds=shutdown_timeout)
+        await consumer.stop(grace_seconds=shutdown_timeout(app))
 
     return context
 
@@ -292,9 +303,7 @@ def background_context(
         )
         app[key] = task
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task, shutdown_timeout(app), name)
 
     return context
 

@@ -34,7 +34,6 @@ def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) 
             PaymentRequested,
             lambda app: _intake(app).handle,
             make_batch_handler=lambda app: _intake(app).handle_batch,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )
     return app

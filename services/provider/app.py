@@ -17,12 +17,14 @@ import aiohttp
 from aiohttp import web
 
 from libs.common.settings import ProviderSettings
+from libs.common.shutdown import bounded
 from libs.common.web import (
     DATABASE,
     CleanupContext,
     background_context,
     create_service_app,
     database_context,
+    shutdown_timeout,
 )
 from services.provider.charges import SETTLE_BATCH_SIZE, settle_due
 from services.provider.deliveries import DELIVERY_BATCH_SIZE, WebhookTarget, deliver_due
@@ -76,8 +78,9 @@ def create_app(settings: ProviderSettings) -> web.Application:
 
 def webhook_client_context() -> CleanupContext:
     async def context(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession() as session:
-            app[WEBHOOK_CLIENT] = session
-            yield
+        session = aiohttp.ClientSession()
+        app[WEBHOOK_CLIENT] = session
+        yield
+        await bounded(session.close(), shutdown_timeout(app), "close webhook client")
 
     return context

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -13,6 +12,7 @@ from libs.common.broker.topology import Topology
 from libs.common.messages import Envelope, ReconciliationRequested
 from libs.common.reconciler_store import INBOX
 from libs.common.settings import ReconcilerSettings
+from libs.common.shutdown import stop_task
 from libs.common.web import (
     DATABASE,
     PROVIDER,
@@ -66,9 +66,7 @@ def create_app(
             name="reconciliation schedule",
         )
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task, settings.shutdown_timeout_seconds, "reconciliation schedule")
 
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="reconciler", topology=topology))
@@ -89,7 +87,6 @@ def create_app(
             lambda topology: topology.reconciliation_requested,
             ReconciliationRequested,
             _on_request,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )
     return app

@@ -41,7 +41,6 @@ def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) 
             # 0.65-0.75 (before migration 0006 four also waited on each other's counter
             # locks: 0.53 against 0.66).
             batches_in_flight=1,
-            shutdown_timeout=settings.shutdown_timeout_seconds,
         )
     )
     app.cleanup_ctx.append(

@@ -45,6 +45,7 @@ from libs.common.metrics import (
     QUEUE_CONSUMERS,
     QUEUE_MESSAGES,
 )
+from libs.common.shutdown import Deadline, bounded, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Consumer(Generic[P]):
         self._gauge_task: asyncio.Task[None] | None = None
         self._gauge_channel: AbstractRobustChannel | None = None
         self.depth_interval_seconds = 5.0
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._channel = await self.broker.new_channel()
@@ -124,8 +126,12 @@ class Consumer(Generic[P]):
         log.info("consuming", extra={"queue": self.queue.name, "prefetch": self.prefetch})
 
     async def _measure_depth(self, channel: AbstractRobustChannel) -> None:
-        """Keep the queue-depth gauges current for this queue and its parking queue."""
-        while True:
+        """Keep the queue-depth gauges current for this queue and its parking queue.
+
+        It ends when `stop` sets `_stopping`, after the RPC in progress: a cancellation
+        alone may be lost inside aiormq (see libs.common.shutdown), which once left this
+        loop running and `stop` waiting for it forever."""
+        while not self._stopping.is_set():
             try:
                 underlay = await channel.get_underlay_channel()
                 for name in (self.queue.name, self.queue.parking):
@@ -134,35 +140,42 @@ class Consumer(Generic[P]):
                     QUEUE_CONSUMERS.labels(queue=name).set(declared.consumer_count or 0)
             except (aio_pika.exceptions.AMQPError, RuntimeError, TimeoutError, OSError) as exc:
                 log.debug("queue depth not measured", extra={"error": repr(exc)})
-            await asyncio.sleep(self.depth_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.depth_interval_seconds):
+                    await self._stopping.wait()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken from the queue and not yet acked, rejected or given back."""
+        return len(self._in_flight)
 
     async def stop(self, grace_seconds: float) -> None:
-        """Stop taking messages, let in-flight ones finish (or be redelivered), close."""
+        """Stop taking messages, let in-flight ones finish (or be redelivered), close.
+
+        Every step is bounded, and all of them together by about `grace_seconds`: what
+        does not finish in time is left for redelivery (its messages are unacked)."""
+        deadline = Deadline(grace_seconds)
+        self._stopping.set()
         if self._gauge_task is not None:
-            self._gauge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gauge_task
+            # Usually ends at once; mid-RPC, after the RPC (at most its own timeout).
+            await asyncio.wait({self._gauge_task}, timeout=deadline.left())
+            await stop_task(self._gauge_task, deadline.left(), "queue depth gauge")
         if self._gauge_channel is not None and not self._gauge_channel.is_closed:
-            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError, OSError):
-                await self._gauge_channel.close()
+            await bounded(self._gauge_channel.close(), deadline.left(), "close gauge channel")
         if self._amqp_queue is not None and self._consumer_tag is not None:
-            try:
-                await asyncio.wait_for(self._amqp_queue.cancel(self._consumer_tag), grace_seconds)
-            except (TimeoutError, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
-                log.warning("could not cancel consumer", extra={"error": repr(exc)})
+            await bounded(
+                self._amqp_queue.cancel(self._consumer_tag), deadline.left(), "cancel consumer"
+            )
         if self._in_flight:
-            _, pending = await asyncio.wait(self._in_flight, timeout=grace_seconds)
+            _, pending = await asyncio.wait(self._in_flight, timeout=deadline.left(0))
             if pending:
                 # Their messages stay unacked and return to the queue when the channel closes.
                 log.warning("in-flight messages left for redelivery", extra={"n": len(pending)})
                 for task in pending:
                     task.cancel()
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
+        await stop_task(self._batcher, deadline.left(), "batcher")
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            await bounded(self._channel.close(), deadline.left(), "close consumer channel")
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
