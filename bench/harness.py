@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +25,11 @@ import asyncpg
 
 from bench import profiling
 from libs.common.broker.topology import Topology
+from tools import launch
+from tools.launch import ROOT, ServiceProcess, free_port, wiring
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBITMQ_BASE_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
 # A cron that never fires during a run: reconciliation happens only when a scenario asks.
 NEVER = "0 0 1 1 *"
@@ -43,13 +39,6 @@ _DROPPED_VARIABLES = ("API_KEYS", "API_SECRET", "DB_POOL_MIN_SIZE", "DB_POOL_MAX
 
 def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def database_dsn(name: str) -> str:
@@ -73,63 +62,6 @@ def rabbitmqctl(*args: str, attempts: int = 3) -> str:
     raise RuntimeError(
         f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[:500]}"
     )
-
-
-@dataclass
-class Process:
-    """A process the harness started: a service or one of bench's own baselines."""
-
-    name: str
-    port: int
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    async def wait_ready(self, within: float = READY_TIMEOUT_SECONDS) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited while starting:\n{self.tail()}")
-            if await asyncio.to_thread(_answers_ready, f"{self.url}/ready"):
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready within {within} s:\n{self.tail()}")
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used so far (0 once it is gone)."""
-        return _proc_cpu_seconds(self.pid)
-
-    def terminate(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-
-    async def stop(self) -> None:
-        self.terminate()
-        try:
-            await asyncio.to_thread(self.popen.wait, STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            say(f"{self.name} did not stop in time; killing it")
-            self.popen.kill()
-            await asyncio.to_thread(self.popen.wait, 10)
-
-
-def _answers_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own 127.0.0.1 URL
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
@@ -157,6 +89,11 @@ def _proc_cpu_seconds(pid: int | str, *, with_children: bool = False) -> float:
 _SERVERS = {"postgres": "postgres", "beam.smp": "rabbitmq"}
 
 
+def cpu_seconds(process: ServiceProcess) -> float:
+    """User plus system CPU time the process has used so far (0 once it is gone)."""
+    return _proc_cpu_seconds(process.pid)
+
+
 def server_cpu_seconds() -> dict[str, float]:
     """CPU seconds PostgreSQL (every backend, and those already gone) and RabbitMQ used."""
     used = dict.fromkeys(_SERVERS.values(), 0.0)
@@ -172,19 +109,6 @@ def server_cpu_seconds() -> dict[str, float]:
     return used
 
 
-def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log_file:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-            [sys.executable, *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Ctrl-C reaches the bench only; it stops what it started, in order.
-            start_new_session=True,
-        )
-
-
 @dataclass
 class Stack:
     """One database and one vhost, and the processes started against them."""
@@ -193,23 +117,22 @@ class Stack:
     database_url: str
     rabbitmq_url: str
     vhost: str
-    processes: list[Process] = field(default_factory=list)
+    processes: list[ServiceProcess] = field(default_factory=list)
     gateway_port: int = field(default_factory=free_port)
     provider_port: int = field(default_factory=free_port)
     provider_url: str = ""
 
     def env(self, **overrides: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARIABLES}
         return {
-            **base,
             "APP_ENV": "development",
-            "HOST": "127.0.0.1",
             "LOG_LEVEL": self.harness.log_level,
             "DATABASE_URL": self.database_url,
             "RABBITMQ_URL": self.rabbitmq_url,
             "SHUTDOWN_TIMEOUT_SECONDS": "5",
-            "PROVIDER_URL": self.provider_url or f"http://127.0.0.1:{self.provider_port}",
-            "PROVIDER_WEBHOOK_URL": f"http://127.0.0.1:{self.gateway_port}/api/webhooks",
+            **wiring(
+                provider_url=self.provider_url or f"http://127.0.0.1:{self.provider_port}",
+                gateway_port=self.gateway_port,
+            ),
             # The gateway's per-client limit (100/s by default) would cap every load at 100/s.
             "RATE_LIMIT": "1000000/second",
             "PROVIDER_DECLINE_RATE": "0",
@@ -225,7 +148,7 @@ class Stack:
         port: int | None = None,
         env: dict[str, str] | None = None,
         **overrides: str,
-    ) -> Process:
+    ) -> ServiceProcess:
         """`python -m services.<name>` with `env` and `overrides` set, ready-checked."""
         if port is None:
             port = {"gateway": self.gateway_port, "provider": self.provider_port}.get(name)
@@ -234,19 +157,24 @@ class Stack:
             name,
             ["-m", f"services.{name}"],
             port,
-            self.env(PORT=str(port), **(env or {}), **overrides),
+            self.env(**(env or {}), **overrides),
         )
 
-    async def start_baseline(self, mode: str, *args: str, port: int | None = None) -> Process:
+    async def start_baseline(
+        self, mode: str, *args: str, port: int | None = None
+    ) -> ServiceProcess:
         """`python -m bench.minimal <mode>`: one of the baselines, ready-checked."""
         port = port or free_port()
         argv = ["-m", "bench.minimal", mode, "--port", str(port), *args]
         return await self._start(f"minimal-{mode}", argv, port, self.env())
 
-    async def _start(self, name: str, argv: list[str], port: int, env: dict[str, str]) -> Process:
-        log_path = self.harness.log_dir / f"{self.vhost}-{name}-{port}.log"
-        popen = _spawn(argv, env, log_path)
-        process = Process(name, port, popen, log_path)
+    async def _start(
+        self, name: str, argv: list[str], port: int, env: dict[str, str]
+    ) -> ServiceProcess:
+        base = {k: v for k, v in os.environ.items() if k not in _DROPPED_VARIABLES}
+        process = launch.start(
+            name, env, port=port, log_dir=self.harness.log_dir, argv=argv, base_env=base
+        )
         self.processes.append(process)
         self.harness.processes.append(process)
         await process.wait_ready()
@@ -258,7 +186,7 @@ class Stack:
         used: dict[str, float] = {}
         for process in self.processes:
             key = process.name if process.name not in used else f"{process.name}-{process.pid}"
-            used[key] = process.cpu_seconds()
+            used[key] = cpu_seconds(process)
         for name, seconds in server_cpu_seconds().items():
             used[f"{name} (machine-wide)"] = seconds
         return used
@@ -271,11 +199,10 @@ class Stack:
             for name in after
         }
 
-    async def stop(self, *processes: Process) -> None:
+    async def stop(self, *processes: ServiceProcess) -> None:
         targets = list(processes) or list(reversed(self.processes))
-        for process in targets:
-            process.terminate()
-        await asyncio.gather(*(process.stop() for process in targets))
+        for name in await launch.stop(targets, STOP_TIMEOUT_SECONDS):
+            say(f"{name} did not stop in time; it was killed")
         for process in targets:
             if process in self.processes:
                 self.processes.remove(process)
@@ -317,7 +244,7 @@ class Harness:
         self.template: str | None = None
         self.databases: list[str] = []
         self.vhosts: list[str] = []
-        self.processes: list[Process] = []
+        self.processes: list[ServiceProcess] = []
         self.profilers: list[profiling.Profiler] = []
         self._stacks = 0
 
@@ -379,7 +306,7 @@ class Harness:
             await asyncio.to_thread(rabbitmqctl, "delete_vhost", name)
             self.vhosts.remove(name)
 
-    def profile(self, process: Process, label: str) -> profiling.Profiler | None:
+    def profile(self, process: ServiceProcess, label: str) -> profiling.Profiler | None:
         """Attach py-spy to `process` while the caller measures (only with --profile)."""
         if self.profile_dir is None:
             return None
@@ -390,9 +317,7 @@ class Harness:
     async def close(self) -> None:
         for profiler in self.profilers:
             profiler.stop()
-        for process in self.processes:
-            process.terminate()
-        await asyncio.gather(*(process.stop() for process in self.processes))
+        await launch.stop(self.processes, STOP_TIMEOUT_SECONDS)
         # Retried: PostgreSQL may be restarting (other people's fault tests do that).
         for attempt in range(3):
             for name in list(self.databases):

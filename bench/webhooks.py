@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from bench.common import Context, create_sink, seed_processing_payments, signed_webhook, wait_until
-from bench.harness import Process, Stack
+from bench.harness import Stack
 from bench.load import closed_loop, each_request, require
 from bench.report import Figure, ScenarioResult
+from tools.launch import ServiceProcess
 
 CONCURRENCY = 32
 
@@ -66,7 +67,7 @@ async def baseline_rate(stack: Stack, n: int, *, replicas: int = 1) -> dict[str,
 async def service_rate(
     ctx: Context,
     stack: Stack,
-    gateway: Process,
+    gateway: ServiceProcess,
     n: int,
     *,
     replicas: int = 1,

@@ -19,25 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.launch import ROOT, SERVICES, LaunchError, ServiceProcess, start, stop_blocking, wiring
+
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/payment_api"
-# Start order: what others call first. Ports: each service's default PORT (README's
-# configuration table).
-SERVICES = {
-    "provider": 3100,
-    "payments": 9101,
-    "webhooks": 9102,
-    "reconciler": 9103,
-    "gateway": 3000,
-}
-READY_TIMEOUT_SECONDS = 60
-STOP_TIMEOUT_SECONDS = 20
 
 
 def say(message: str) -> None:
@@ -56,35 +43,6 @@ async def ensure_database(url: str) -> None:
         await conn.close()
 
 
-def wait_ready(name: str, port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"[run] {name} exited with status {process.returncode} while starting")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"[run] {name} not ready after {READY_TIMEOUT_SECONDS} s")
-
-
-def stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    for name, process in processes.items():
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            say(f"{name} did not stop in time; killing it")
-            process.kill()
-            process.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port-offset", type=int, default=0, help="add this to every port")
@@ -93,8 +51,9 @@ def main() -> int:
     ports = {name: port + args.port_offset for name, port in SERVICES.items()}
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", LOCAL_DATABASE_URL)
-    env["PROVIDER_URL"] = f"http://127.0.0.1:{ports['provider']}"
-    env["PROVIDER_WEBHOOK_URL"] = f"http://127.0.0.1:{ports['gateway']}/api/webhooks"
+    env.update(
+        wiring(provider_url=f"http://127.0.0.1:{ports['provider']}", gateway_port=ports["gateway"])
+    )
 
     asyncio.run(ensure_database(env["DATABASE_URL"]))
     say("migrating")
@@ -111,31 +70,31 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    services: list[ServiceProcess] = []
     try:
         for name, port in ports.items():
-            processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", f"services.{name}"],
-                cwd=ROOT,
-                env={**env, "PORT": str(port)},
-                # Ctrl-C reaches only this launcher, which then stops the services in order.
-                start_new_session=True,
-            )
-            wait_ready(name, port, processes[name])
+            services.append(start(name, {}, port=port, base_env=env, host=None))
+            try:
+                services[-1].wait_ready_blocking()
+            except LaunchError as exc:
+                say(str(exc).splitlines()[0])
+                return 1
         say("every service is ready:")
-        for name, port in ports.items():
-            say(f"  {name:<10} http://127.0.0.1:{port}")
+        for service in services:
+            say(f"  {service.name:<10} {service.url}")
         say("Ctrl-C stops them all.")
         while not stopping:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    say(f"{name} exited with status {process.returncode}; stopping the rest")
+            for service in services:
+                if service.process.poll() is not None:
+                    code = service.process.returncode
+                    say(f"{service.name} exited with status {code}; stopping the rest")
                     return 1
             time.sleep(0.2)
         say("stopping")
         return 0
     finally:
-        stop(processes)
+        for name in stop_blocking(services):
+            say(f"{name} did not stop in time; it was killed")
         say("stopped")
 
 

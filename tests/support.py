@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import inspect
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -15,6 +14,9 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import asyncpg
+
+# The launcher's, re-exported: one way to pick a port for everything this repository starts.
+from tools.launch import free_port as free_port
 
 T = TypeVar("T")
 
@@ -50,21 +52,6 @@ def fresh_vhost() -> Iterator[str]:
         yield RABBITMQ_BASE_URL.rstrip("/") + "/" + quote(name, safe="")
     finally:
         rabbitmqctl("delete_vhost", name)
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1, never one this process handed out before (a port chosen
-    for a service that has not bound it yet is still free to the kernel)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 async def eventually(

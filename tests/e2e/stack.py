@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from tests.e2e.processes import ServiceProcess, start_service
-from tests.support import free_port
+from tools.launch import free_port, wiring
 
 
 @dataclasses.dataclass
@@ -25,8 +25,10 @@ class Stack:
             "DATABASE_URL": self.database_url,
             "RABBITMQ_URL": self.rabbitmq_url,
             "SHUTDOWN_TIMEOUT_SECONDS": "5",
-            "PROVIDER_URL": self.provider_url or f"http://127.0.0.1:{self.provider_port}",
-            "PROVIDER_WEBHOOK_URL": f"http://127.0.0.1:{self.gateway_port}/api/webhooks",
+            **wiring(
+                provider_url=self.provider_url or f"http://127.0.0.1:{self.provider_port}",
+                gateway_port=self.gateway_port,
+            ),
             **overrides,
         }
 

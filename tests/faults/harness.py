@@ -604,30 +604,19 @@ class Platform:
         self.current: dict[str, ServiceProcess] = {}
         self.originals: dict[str, ServiceProcess] = {}
         self.restarted: set[str] = set()
-        while stack.provider_port == stack.gateway_port:
-            stack.provider_port = free_port()
 
     def _env(self, name: str) -> dict[str, str]:
         return {**SERVICE_ENV.get(name, {}), **self.env}
 
     def _port(self, name: str) -> int:
-        """The gateway's and the provider's own port; for the others one nobody here has.
-
-        (A port `free_port` gives may be given again before its first taker listens on it;
-        two services on one port would answer each other's /ready.)
-        """
+        """The gateway's and the provider's own port; for the others a fresh one."""
         fixed = {"gateway": self.stack.gateway_port, "provider": self.stack.provider_port}
-        if name in fixed:
-            return fixed[name]
-        taken = {*fixed.values(), *(s.port for s in self.stack.services)}
-        while (port := free_port()) in taken:
-            pass
-        return port
+        return fixed.get(name) or free_port()
 
     async def _start(self, name: str) -> ServiceProcess:
         port = self._port(name)
         for earlier in self.stack.services:
-            if earlier.port == port and earlier.log_path.exists():
+            if earlier.port == port and earlier.log_path and earlier.log_path.exists():
                 # The new process would write over its predecessor's log.
                 kept = earlier.log_path.with_suffix(f".{len(self.stack.services)}.log")
                 earlier.log_path = earlier.log_path.rename(kept)
