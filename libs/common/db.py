@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from libs.common.backoff import Backoff
 from libs.common.settings import DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, DatabaseSettings
 from libs.common.shutdown import bounded
 
@@ -70,6 +70,10 @@ async def _init_connection(conn: Connection) -> None:
 
 async def _keep_session(conn: Connection) -> None:
     """Nothing to reset: see `Database.connect`."""
+
+
+# Far above what the default attempts reach: a bound, should someone raise them.
+MAX_BACKOFF_SECONDS = 5.0
 
 
 class _Retryable(Exception):
@@ -132,7 +136,8 @@ class Database:
             except _Retryable as retryable:
                 if attempt == self.attempts:
                     raise retryable.error from None
-                delay = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())  # noqa: S311 - jitter, not crypto
+                backoff = Backoff(self.backoff_seconds, MAX_BACKOFF_SECONDS, jitter=1.0)
+                delay = backoff.delay(attempt)
                 log.warning(
                     "database transaction failed, retrying",
                     extra={

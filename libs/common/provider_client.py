@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from libs.common.backoff import Backoff
 from libs.common.logs import CORRELATION_HEADER, get_correlation_id
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 PROVIDER_NAME = "simulated"
+# Far above what the default attempts reach: a bound, should someone raise them.
+MAX_BACKOFF_SECONDS = 5.0
 
 
 class Charge(BaseModel):
@@ -112,7 +115,7 @@ class ProviderClient:
             except ProviderUnavailable as exc:
                 if number == self._attempts:
                     raise
-                delay = self._backoff_seconds * 2 ** (number - 1)
+                delay = Backoff(self._backoff_seconds, MAX_BACKOFF_SECONDS).delay(number)
                 log.warning(
                     "provider call failed, retrying",
                     extra={"attempt": number, "error": str(exc), "retry_in_s": delay},

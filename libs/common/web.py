@@ -23,6 +23,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from libs.common.backoff import Backoff
 from libs.common.broker.connection import Broker
 from libs.common.broker.consumer import BatchHandler, Consumer, Handler
 from libs.common.broker.topology import QueueSpec, Topology
@@ -317,7 +318,7 @@ async def _repeat(
             done = await round_of_work()
         except Exception:
             failures += 1
-            delay = min(interval * 2**failures, MAX_ERROR_BACKOFF_SECONDS)
+            delay = Backoff(2 * interval, MAX_ERROR_BACKOFF_SECONDS).delay(failures)
             log.exception(
                 "background work failed, trying again", extra={"task": name, "retry_in_s": delay}
             )

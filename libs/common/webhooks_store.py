@@ -13,14 +13,17 @@ from collections.abc import Sequence
 
 from asyncpg import Record
 
+from libs.common.backoff import Backoff
 from libs.common.db import Connection, Database
 from libs.common.inbox import Inbox
 
 INBOX = Inbox("webhooks", "webhooks.webhook-received")
-# An orphan (its payment unknown yet) is tried this many times, with a growing delay
-# capped at MAX_ORPHAN_DELAY_SECONDS.
+# An orphan (its payment unknown yet) is tried this many times: 2 s after it arrived,
+# then 4, 8 ... at most 300 s apart. The statements pick the delay by the event's attempt
+# count from this schedule.
 ORPHAN_ATTEMPTS = 10
-MAX_ORPHAN_DELAY_SECONDS = 300
+ORPHAN_BACKOFF = Backoff(base_seconds=2.0, cap_seconds=300.0)
+_ORPHAN_DELAYS = ORPHAN_BACKOFF.schedule(ORPHAN_ATTEMPTS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,7 +100,7 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> None
                processed_at = now(), attempts = e.attempts + 1,
                next_attempt_at = CASE
                    WHEN o.status = 'orphaned' AND e.attempts + 1 < $5
-                   THEN now() + make_interval(secs => least(power(2, e.attempts + 1), $6))
+                   THEN now() + make_interval(secs => ($6::float8[])[e.attempts + 1])
                END
           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[])
             AS o(id, status, error, payment_id)
@@ -108,7 +111,7 @@ async def record_outcomes(conn: Connection, outcomes: Sequence[Outcome]) -> None
         [o.error for o in outcomes],
         [o.payment_id for o in outcomes],
         ORPHAN_ATTEMPTS,
-        MAX_ORPHAN_DELAY_SECONDS,
+        _ORPHAN_DELAYS,
     )
 
 
@@ -133,14 +136,14 @@ async def record_retry_failure(conn: Connection, event_id: uuid.UUID, error: str
         UPDATE webhooks.webhook_events
            SET attempts = attempts + 1, error = $2,
                next_attempt_at = CASE WHEN attempts + 1 < $3
-                   THEN now() + make_interval(secs => least(power(2, attempts + 1), $4))
+                   THEN now() + make_interval(secs => ($4::float8[])[attempts + 1])
                END
          WHERE id = $1
         """,
         event_id,
         error,
         ORPHAN_ATTEMPTS,
-        MAX_ORPHAN_DELAY_SECONDS,
+        _ORPHAN_DELAYS,
     )
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import aiohttp
 
+from libs.common.backoff import Backoff
 from libs.common.db import Connection, Database
 from libs.common.logs import CORRELATION_HEADER, correlation_scope
 from libs.common.signing import signature_headers
@@ -56,7 +57,7 @@ class RetryPolicy:
 
     def delay(self, failed_before: int) -> float:
         """Wait before the next attempt, given how many attempts failed before this one."""
-        return min(self.base_seconds * 2.0**failed_before, self.cap_seconds)
+        return Backoff(self.base_seconds, self.cap_seconds).delay(failed_before + 1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from typing import Any, Generic
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
+from libs.common.backoff import Backoff
 from libs.common.broker.connection import Broker
 from libs.common.broker.publisher import PublishError, republishable
 from libs.common.broker.topology import QueueSpec
@@ -95,8 +96,7 @@ class Consumer(Generic[P]):
         self._arrived = asyncio.Event()
         # Set on every arrival and every batch that ends.
         self._progress = asyncio.Event()
-        self.retry_backoff_seconds = retry_backoff_seconds
-        self.max_retry_backoff_seconds = max_retry_backoff_seconds
+        self.retry_backoff = Backoff(retry_backoff_seconds, max_retry_backoff_seconds)
         # Park on the last attempt the broker would allow, so the reason travels along.
         self.max_attempts = broker.topology.delivery_limit
         self._channel: AbstractRobustChannel | None = None
@@ -290,9 +290,7 @@ class Consumer(Generic[P]):
             except Exception as exc:  # noqa: BLE001 - any failure is retried, then parked
                 if attempt >= self.max_attempts:
                     return await self._park(message, "retries_exhausted", exc)
-                delay = min(
-                    self.retry_backoff_seconds * 2 ** (attempt - 1), self.max_retry_backoff_seconds
-                )
+                delay = self.retry_backoff.delay(attempt)
                 log.warning(
                     "handler failed, message will be redelivered",
                     extra={
