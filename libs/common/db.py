@@ -104,7 +104,8 @@ class Database:
         asyncpg resets each connection given back to the pool with a query of its own
         (release advisory locks, close cursors, unlisten, reset settings): one more round
         trip per use. A service whose code leaves no such state on a connection passes
-        `session_state=False` to skip it; an open transaction is still rolled back.
+        `session_state=False` (its settings' `db_session_state`) to skip it; an open
+        transaction is still rolled back.
         """
         pool = await asyncpg.create_pool(
             settings.database_dsn(),

@@ -89,6 +89,10 @@ class DatabaseSettings(BaseServiceSettings):
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     db_command_timeout_seconds: float = Field(default=10.0, gt=0)
     db_acquire_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Not a variable: whether the service's code leaves session state (advisory locks,
+    # settings, cursors) on a pooled connection, which the pool must then reset with one
+    # more round trip per use (see `Database.connect`). Most services leave none.
+    db_session_state: ClassVar[bool] = False
 
     def database_dsn(self) -> str:
         """A libpq-style DSN for asyncpg (`postgresql://...`)."""
@@ -211,6 +215,8 @@ class WebhooksSettings(DatabaseSettings, BrokerSettings):
 class ReconcilerSettings(DatabaseSettings, BrokerSettings, ProviderClientSettings):
     service_name: ClassVar[str] = "reconciler"
     port: int = Field(default=9103, ge=1, le=65535)
+    # A run holds an advisory lock on a pooled connection.
+    db_session_state: ClassVar[bool] = True
     # None means the environment's default: every 5 minutes in development, hourly in production.
     reconcile_cron: str | None = None
     reconcile_min_age_seconds: int = Field(default=120, ge=0)

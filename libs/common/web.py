@@ -31,7 +31,7 @@ from libs.common.db import Database, is_transient
 from libs.common.errors import ApiError as ApiError  # re-exported for route modules
 from libs.common.errors import service_unavailable
 from libs.common.json_body import JsonError, check_json, parse_object
-from libs.common.logs import CORRELATION_HEADER, correlation_scope
+from libs.common.logs import CORRELATION_HEADER, configure_logging, correlation_scope
 from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 from libs.common.provider_client import ProviderClient
@@ -41,6 +41,8 @@ from libs.common.settings import (
     BrokerSettings,
     DatabaseSettings,
     ProviderClientSettings,
+    S,
+    load_settings,
 )
 from libs.common.shutdown import bounded, stop_task
 
@@ -218,12 +220,12 @@ def shutdown_timeout(app: web.Application) -> float:
     return app.get(SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
 
 
-def database_context(settings: DatabaseSettings, *, session_state: bool = True) -> CleanupContext:
-    """The pool; `session_state=False` for a service that never leaves session state
-    (advisory locks, settings, cursors) on a connection (see `Database.connect`)."""
+def database_context(settings: DatabaseSettings) -> CleanupContext:
+    """The pool, reset between uses only if the service leaves session state on its
+    connections (`db_session_state` in its settings)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        database = await Database.connect(settings, session_state=session_state)
+        database = await Database.connect(settings, session_state=settings.db_session_state)
         app[DATABASE] = database
         app[SHUTDOWN_TIMEOUT] = settings.shutdown_timeout_seconds
         yield
@@ -340,6 +342,14 @@ async def freeze_heap(_: web.Application) -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def main(settings_class: type[S], create_app: Callable[[S], web.Application]) -> None:
+    """Every service's entry point: settings from the environment (or a readable refusal),
+    JSON logs, then `create_app(settings)` served until SIGTERM."""
+    settings = load_settings(settings_class)
+    configure_logging(settings_class.service_name, settings.log_level)
+    run(create_app(settings), settings)
 
 
 def run(app: web.Application, settings: BaseServiceSettings) -> None:

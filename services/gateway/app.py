@@ -33,8 +33,7 @@ def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app()
     app[GATEWAY_SETTINGS] = settings
-    # Its code leaves no session state on a connection: skip the reset round trip.
-    app.cleanup_ctx.append(database_context(settings, session_state=False))
+    app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="gateway", topology=topology))
     app.cleanup_ctx.append(_idempotency_keys)
     app.cleanup_ctx.append(

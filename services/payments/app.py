@@ -24,8 +24,7 @@ def _intake(app: web.Application) -> PaymentIntake:
 def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app()
-    # Its code leaves no session state on a connection: skip the reset round trip.
-    app.cleanup_ctx.append(database_context(settings, session_state=False))
+    app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="payments", topology=topology))
     app.cleanup_ctx.append(provider_client_context(settings))
     app.cleanup_ctx.append(

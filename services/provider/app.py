@@ -46,8 +46,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
         secrets=[secret.get_secret_value() for secret in settings.webhook_secret],
         timeout_seconds=settings.provider_webhook_timeout_seconds,
     )
-    # Its code leaves no session state on a connection: skip the reset round trip.
-    app.cleanup_ctx.append(database_context(settings, session_state=False))
+    app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(webhook_client_context())
     app.cleanup_ctx.append(
         background_context(

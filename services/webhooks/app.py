@@ -27,8 +27,7 @@ ORPHAN_SWEEP = web.AppKey("orphan_sweep", asyncio.Task[None])
 def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) -> web.Application:
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app()
-    # Its code leaves no session state on a connection: skip the reset round trip.
-    app.cleanup_ctx.append(database_context(settings, session_state=False))
+    app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="webhooks", topology=topology))
     app.cleanup_ctx.append(
         consumer_context(
