@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 from urllib.parse import quote
 
+import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 # The launcher's, re-exported: one way to pick a port for everything this repository starts.
 from tools.launch import free_port as free_port
@@ -52,6 +54,19 @@ def fresh_vhost() -> Iterator[str]:
         yield RABBITMQ_BASE_URL.rstrip("/") + "/" + quote(name, safe="")
     finally:
         rabbitmqctl("delete_vhost", name)
+
+
+async def messages_consumed(url: str, queue: str) -> int:
+    """How many messages of `queue` the service at `url` has finished with (acked,
+    requeued or parked), from its /metrics: a drain for a service run as a process."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        int(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "messages_consumed_total" and sample.labels.get("queue") == queue
+    )
 
 
 async def eventually(

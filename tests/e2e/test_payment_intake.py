@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import aio_pika
@@ -18,7 +18,7 @@ from libs.common.broker.publisher import to_amqp
 from libs.common.broker.topology import Topology
 from libs.common.messages import PaymentRequested, wrap
 from tests.e2e.stack import Stack
-from tests.support import eventually, rabbitmqctl
+from tests.support import eventually, messages_consumed, rabbitmqctl
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +80,10 @@ async def test_seed_request_is_stored_and_charged_once(stack: Stack, db: Any) ->
     assert await charges_for(db, body["id"]) == 1
 
 
+async def _at_least(count: Awaitable[int], n: int) -> bool:
+    return await count >= n
+
+
 async def _is(db: Any, payment_id: str, status: str) -> bool:
     return await status_of(db, payment_id) == status
 
@@ -109,7 +113,7 @@ async def publish_raw(rabbitmq_url: str, *messages: aio_pika.Message) -> None:
 
 async def test_message_delivered_twice_charges_once(stack: Stack, db: Any) -> None:
     await stack.start("provider", **SLOW_SETTLEMENT)
-    await stack.start("payments")
+    payments = await stack.start("payments")
     payment_id = uuid.uuid4()
     envelope = _requested(payment_id)
 
@@ -117,7 +121,9 @@ async def test_message_delivered_twice_charges_once(stack: Stack, db: Any) -> No
     await publish_raw(stack.rabbitmq_url, to_amqp(envelope), to_amqp(envelope))
 
     await eventually(lambda: _is(db, str(payment_id), "processing"), within=10)
-    await asyncio.sleep(0.5)  # let a second copy finish whatever it does
+    # Drained: the service is done with both copies (whatever the second one did).
+    queue = Topology().payment_requested.name
+    await eventually(lambda: _at_least(messages_consumed(payments.url, queue), 2), within=10)
     assert await charges_for(db, str(payment_id)) == 1
     created = await db.fetchval(
         "SELECT count(*) FROM payments.payment_events"

@@ -31,7 +31,7 @@ from libs.common.signing import seed_signature
 from libs.common.state_machine import NewPayment, create_payments
 from libs.common.states import TransitionSource
 from tests.e2e.stack import Stack
-from tests.support import eventually
+from tests.support import eventually, messages_consumed
 
 pytestmark = pytest.mark.e2e
 
@@ -166,9 +166,16 @@ async def test_webhooks_killed_mid_stream_store_and_apply_every_event_once(
     # The provider resends some of them (same bytes, new messages): duplicates, nothing more.
     resent = bodies[::20][:RESENT]
     assert len(resent) == RESENT
+    queue = TOPOLOGY.webhook_received.name
+    consumed = await messages_consumed(second.url, queue)
     await publish(channel, resent)
     await eventually(lambda: _duplicates_are(db, RESENT), within=30, interval=0.1)
-    await asyncio.sleep(0.5)  # anything else the resends would do has happened by now
+
+    # Drained: the service is done with every resend (whatever else it would do with one).
+    async def resends_done() -> bool:
+        return await messages_consumed(second.url, queue) >= consumed + RESENT
+
+    await eventually(resends_done, within=30, interval=0.1)
 
     duplicated = await db.fetch("SELECT raw_body FROM webhooks.webhook_events WHERE duplicates = 1")
     assert sorted(r["raw_body"] for r in duplicated) == sorted(resent)

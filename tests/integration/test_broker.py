@@ -139,7 +139,8 @@ async def test_always_failing_handler_parks_the_message_after_the_delivery_limit
         await broker.publish(envelope)
         parking = topology.payment_requested.parking
         await eventually(lambda: queue_depth(broker, parking))
-        await asyncio.sleep(0.3)  # give a looping message time to show itself
+        # Exact: a message still looping would be ready or in flight.
+        await eventually(consumer.settled)
     finally:
         await consumer.stop(grace_seconds=5)
 

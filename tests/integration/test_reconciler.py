@@ -498,12 +498,17 @@ class BreaksOnOne(ProviderClient):
     def __init__(self, broken: uuid.UUID, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.broken = broken
+        self.in_flight = 0
 
     async def find_charges(self, payment_id: uuid.UUID) -> list[Charge]:
         if payment_id == self.broken:
             raise RuntimeError("unexpected")
-        await asyncio.sleep(0.3)
-        return await super().find_charges(payment_id)
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(0.3)
+            return await super().find_charges(payment_id)
+        finally:
+            self.in_flight -= 1
 
 
 async def test_a_failed_run_leaves_no_work_behind_it(
@@ -523,7 +528,8 @@ async def test_a_failed_run_leaves_no_work_behind_it(
     assert summary.status == "failed"
     assert summary.errors == 1
     assert "unexpected" in summary.error_details[0]["error"]
-    await asyncio.sleep(0.6)  # past the lookups still in flight when the run failed
+    # Drained: the lookups still in flight when the run failed have ended.
+    await eventually(lambda: provider.in_flight == 0)
     log = await run_log(db, summary.run_id)
     assert (log["status"], log["updated"]) == ("failed", 0)
     # Nothing was settled once the run had been recorded as over and its lock released.

@@ -149,6 +149,18 @@ class Consumer(Generic[P]):
         """Messages taken from the queue and not yet acked, rejected or given back."""
         return len(self._in_flight)
 
+    async def settled(self) -> bool:
+        """Whether nothing is left to do: no message ready in the queue, none in flight.
+
+        Asked on this consumer's own channel, whose frames arrive in order: a message the
+        broker delivered (or took back on a nack) before it answered is, by the time the
+        answer arrives, in flight here or counted as ready."""
+        if self._channel is None or self.in_flight:
+            return False
+        underlay = await self._channel.get_underlay_channel()
+        declared = await underlay.queue_declare(self.queue.name, passive=True, timeout=5)
+        return not declared.message_count and not self.in_flight
+
     async def stop(self, grace_seconds: float) -> None:
         """Stop taking messages, let in-flight ones finish (or be redelivered), close.
 
