@@ -192,6 +192,11 @@ async def deliveries(db: Database, charge_id: str | None = None) -> list[dict[st
     return [dict(row) for row in rows]
 
 
+async def drained(db: Database) -> bool:
+    """Whether the delivery loop has nothing left to do: every delivery is final."""
+    return all(d["state"] != "pending" for d in await deliveries(db))
+
+
 async def settled(client: Client, charge_id: str) -> dict[str, Any] | None:
     charge = await fetch(client, charge_id)
     return None if charge["status"] == "processing" else charge
@@ -561,7 +566,7 @@ async def test_with_drop_rate_1_nothing_is_sent(
             return [d["state"] for d in await deliveries(db, charge["id"])] == ["dropped"]
 
         await eventually(dropped, within=5)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: drained(db))
         assert (await fetch(provider, charge["id"]))["status"] == "succeeded"
 
     assert receiver.requests == []
@@ -576,7 +581,7 @@ async def test_with_duplicate_rate_1_the_same_request_arrives_twice(
     async with running(make_settings(provider_webhook_duplicate_rate=1.0)) as provider:
         charge = await create(provider)
         await eventually(lambda: len(receiver.requests) == 2, within=5)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: drained(db))
 
     first, second = receiver.requests
     assert first.body == second.body
@@ -645,7 +650,7 @@ async def test_two_replicas_settle_and_send_each_charge_once(
             return len(rows) == 40 and all(d["state"] == "delivered" for d in rows)
 
         await eventually(all_delivered, within=10)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: drained(db))
 
     event_ids = [json.loads(r.body)["event_id"] for r in receiver.requests]
     assert len(event_ids) == 40
