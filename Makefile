@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/mypy libs services tools
 
 # Benchmarks (bench/README.md): makes its own databases and vhosts, starts the services as
-# processes, removes it all after. BENCH_ARGS="--quick", "--only intake,reads", "--profile".
+# processes, removes it all after. BENCH_ARGS="--quick", "--only intake,reads".
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 

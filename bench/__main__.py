@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only a,b] [--profile]`: run the scenarios, print the table.
+"""`python -m bench [--quick] [--only a,b]`: run the scenarios, print the table.
 
 Writes `<out>/<timestamp>.json` (every figure with its baseline and ratio, and each
 scenario's details) and `<out>/<timestamp>.png` (the ratios). Exits 1 if a scenario
@@ -112,9 +112,6 @@ def main() -> int:
         "--only", default="", help=f"comma-separated scenarios, of: {', '.join(SCENARIOS)}"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results go")
-    parser.add_argument(
-        "--profile", action="store_true", help="py-spy the measured services (slows them)"
-    )
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the services")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs")
     args = parser.parse_args()
@@ -128,11 +125,7 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     load_before = os.getloadavg()
     started = time.perf_counter()
-    harness = Harness(
-        log_dir=log_dir,
-        log_level=args.log_level,
-        profile_dir=(args.out / "profiles" / stamp) if args.profile else None,
-    )
+    harness = Harness(log_dir=log_dir, log_level=args.log_level)
     results = asyncio.run(run(harness, args, names))
     elapsed = round(time.perf_counter() - started, 1)
 
@@ -149,7 +142,6 @@ def main() -> int:
             "run_id": harness.run_id,
             "duration_s": elapsed,
             "quick": args.quick,
-            "profiled": args.profile,
             "scenarios_run": names,
             "commit": _commit(),
             "machine": {

@@ -156,14 +156,7 @@ async def run(ctx: Context) -> ScenarioResult:
         halved = False
         while queue:
             fraction = queue.pop(0)
-            # Every service of the path shares the two cores: profile them all.
-            profilers = {
-                p.name: ctx.harness.profile(p, f"e2e-{p.name}-{fraction}") for p in stack.processes
-            }
             step = await _step(stack, gateway.port, limit * fraction, duration)
-            profiles = {name: p.stop() for name, p in profilers.items() if p is not None}
-            if profiles:
-                step["profiles"] = profiles
             step["fraction_of_limit"] = fraction
             steps.append(step)
             if step["sustained"]:

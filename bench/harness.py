@@ -23,7 +23,6 @@ from urllib.parse import quote
 import aio_pika
 import asyncpg
 
-from bench import profiling
 from libs.common.broker.topology import Topology
 from tools import launch
 from tools.launch import ROOT, ServiceProcess, free_port, wiring
@@ -236,16 +235,14 @@ class Stack:
 class Harness:
     """Databases, vhosts and processes for one bench run; `close()` removes them all."""
 
-    def __init__(self, *, log_dir: Path, log_level: str = "INFO", profile_dir: Path | None) -> None:
+    def __init__(self, *, log_dir: Path, log_level: str = "INFO") -> None:
         self.run_id = uuid.uuid4().hex[:10]
         self.log_dir = log_dir
         self.log_level = log_level
-        self.profile_dir = profile_dir
         self.template: str | None = None
         self.databases: list[str] = []
         self.vhosts: list[str] = []
         self.processes: list[ServiceProcess] = []
-        self.profilers: list[profiling.Profiler] = []
         self._stacks = 0
 
     async def _admin(self, *statements: str) -> None:
@@ -306,17 +303,7 @@ class Harness:
             await asyncio.to_thread(rabbitmqctl, "delete_vhost", name)
             self.vhosts.remove(name)
 
-    def profile(self, process: ServiceProcess, label: str) -> profiling.Profiler | None:
-        """Attach py-spy to `process` while the caller measures (only with --profile)."""
-        if self.profile_dir is None:
-            return None
-        profiler = profiling.Profiler.start(process.pid, self.profile_dir / f"{label}.txt")
-        self.profilers.append(profiler)
-        return profiler
-
     async def close(self) -> None:
-        for profiler in self.profilers:
-            profiler.stop()
         await launch.stop(self.processes, STOP_TIMEOUT_SECONDS)
         # Retried: PostgreSQL may be restarting (other people's fault tests do that).
         for attempt in range(3):

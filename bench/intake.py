@@ -61,15 +61,12 @@ async def run(ctx: Context) -> ScenarioResult:
         async def closed(port: int, requests: Requests, label: str) -> LoadResult:
             await purge_queues(stack)
             await closed_loop(port, requests, concurrency=CONCURRENCY, duration=warmup)
-            profiler = ctx.harness.profile(gateway, label) if port == gateway.port else None
             cpu_before = stack.cpu()
             load = require(
                 await closed_loop(port, requests, concurrency=CONCURRENCY, duration=duration),
                 202,
                 label,
             )
-            if profiler is not None:
-                result.details.setdefault("profiles", {})[label] = profiler.stop()
             result.details[label] = {
                 **load.summary(202),
                 "cpu_ms_per_request": stack.cpu_ms_per(cpu_before, stack.cpu(), load.count),

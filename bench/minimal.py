@@ -53,7 +53,8 @@ from libs.common.settings import (
     load_settings,
 )
 from libs.common.web import create_service_app
-from services.gateway.routes import add_guard
+from services.gateway.access import ApiKeys, RateLimits
+from services.gateway.routes import API_KEYS, RATE_LIMITS, guard
 
 SAMPLE_WEBHOOK = (
     b'{"event_id":"evt_0123456789abcdef01234567","event_type":"payment.completed",'
@@ -123,10 +124,13 @@ async def _ready(_: web.Request) -> web.Response:
 
 
 def _gateway_middlewares_app() -> web.Application:
-    """An app with the gateway's middlewares and none of its routes."""
+    """An app with the gateway's middlewares and none of its routes, built as the
+    gateway builds them (services.gateway.routes.add_routes)."""
     settings = load_settings(GatewaySettings)
     app = create_service_app()  # it has its own /ready
-    add_guard(app, settings)
+    app[API_KEYS] = ApiKeys([k.get_secret_value() for k in settings.all_api_keys()])
+    app[RATE_LIMITS] = RateLimits(settings.rate_limit, settings.webhook_failure_limit)
+    app.middlewares.append(guard)
     return app
 
 

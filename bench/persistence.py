@@ -74,20 +74,12 @@ async def service_rate(
         # take PostgreSQL's CPU from the service measured. The end is checked exactly below.
         charged_before = await conn.fetchval(PROCESSING_COUNT)
         services = [await stack.start_service("payments") for _ in range(replicas)]
-        profiler = ctx.harness.profile(services[0], label)
-        # The simulated provider's CPU counts too: it shares the machine.
-        provider = next((p for p in stack.processes if p.name == "provider"), None)
-        provider_profiler = ctx.harness.profile(provider, f"{label}-provider") if provider else None
         cpu_before = stack.cpu()
 
         async def done() -> bool:
             return bool(await conn.fetchval(PROCESSING_COUNT) - charged_before >= n)
 
-        try:
-            await wait_until(done, within=120 + n / 10, what="payments service", interval=0.25)
-        finally:
-            summary = profiler.stop() if profiler is not None else None
-            provider_summary = provider_profiler.stop() if provider_profiler is not None else None
+        await wait_until(done, within=120 + n / 10, what="payments service", interval=0.25)
         cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
         row = await conn.fetchrow(
             """
@@ -109,7 +101,7 @@ async def service_rate(
     if row is None or row["charged"] != n:
         raise RuntimeError(f"{n} payments published, {row and row['charged']} charged")
     span = (row["last_charged"] - row["first_stored"]).total_seconds()
-    details: dict[str, Any] = {
+    return {
         "messages": n,
         "replicas": replicas,
         "already_stored": before,
@@ -118,11 +110,6 @@ async def service_rate(
         "rate_per_s": round(n / span, 1) if span > 0 else None,
         "cpu_ms_per_payment": cpu,
     }
-    if summary is not None:
-        details["profile"] = summary
-    if provider_summary is not None:
-        details["provider_profile"] = provider_summary
-    return details
 
 
 async def run(ctx: Context) -> ScenarioResult:

@@ -111,14 +111,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 for name, (path, sql) in endpoints.items():
                     request = same_request(build_request("GET", path, port=gateway.port))
                     await closed_loop(gateway.port, request, concurrency=1, count=10)
-                    profiler = (
-                        ctx.harness.profile(gateway, f"reads-{name}-{label}")
-                        if name == "stats"
-                        else None
-                    )
                     load = await closed_loop(gateway.port, request, concurrency=1, count=requests)
-                    if profiler is not None:
-                        details.setdefault("profiles", {})[name] = profiler.stop()
                     plain = await _sql_latencies(conn, sql, count=requests, budget_s=15.0)
                     api = load.latencies(200)
                     details[name] = {

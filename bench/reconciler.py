@@ -80,7 +80,6 @@ async def run(ctx: Context) -> ScenarioResult:
             RECONCILE_MIN_AGE_SECONDS=str(STALE_SECONDS // 2),
             RECONCILE_CONCURRENCY=str(CONCURRENCY),
         )
-        profiler = ctx.harness.profile(reconciler, "reconciler")
         request = build_request("POST", "/api/reconciliations", port=gateway.port)
         started = time.perf_counter()
         answer = await closed_loop(gateway.port, same_request(request), concurrency=1, count=1)
@@ -108,8 +107,6 @@ async def run(ctx: Context) -> ScenarioResult:
             )
         finally:
             await conn.close()
-            if profiler is not None:
-                result.details["profile"] = profiler.stop()
         await stack.stop(reconciler, gateway)
         after = await _minimal(stack, fake.url)
         floor = n / CONCURRENCY * PROVIDER_DELAY_MS / 1000

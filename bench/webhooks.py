@@ -78,8 +78,6 @@ async def service_rate(
     requests = [signed_webhook(gateway.port, p) for p in payments]
     ids = [p[0] for p in payments]
     conn = await stack.connect()
-    profilers = [ctx.harness.profile(gateway, f"{label}-gateway")]
-    profilers.append(ctx.harness.profile(services[0], label))
     cpu_before = stack.cpu()
     try:
         started = time.time()
@@ -99,10 +97,7 @@ async def service_rate(
             )
             return bool(applied >= n)
 
-        try:
-            await wait_until(done, within=120 + n / 10, what="webhooks service", interval=0.25)
-        finally:
-            summaries = [p.stop() if p is not None else None for p in profilers]
+        await wait_until(done, within=120 + n / 10, what="webhooks service", interval=0.25)
         cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), n)
         row = await conn.fetchrow(
             """
@@ -120,7 +115,7 @@ async def service_rate(
     if row is None:
         raise RuntimeError("no webhook events stored")
     span = float(row["last"]) - started
-    details: dict[str, Any] = {
+    return {
         "webhooks": n,
         "replicas": replicas,
         "posts": load.summary(202),
@@ -130,9 +125,6 @@ async def service_rate(
         "rate_per_s": round(n / span, 1),
         "cpu_ms_per_webhook": cpu,
     }
-    if any(summaries):
-        details["profiles"] = {"gateway": summaries[0], "webhooks": summaries[1]}
-    return details
 
 
 async def run(ctx: Context) -> ScenarioResult:

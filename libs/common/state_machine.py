@@ -114,7 +114,7 @@ SELECT payment_id, from_status, applied FROM recorded
 
 # The same as the statement above for a single payment. One move at a time is the common
 # case (the reconciler, the one-message path), and this plan, without the arrays, costs
-# about half as much per move.
+# about half as much per move (docs/decisions/0001-performance.md).
 _ONE_TRANSITION_SQL = f"""
 WITH locked AS (
     SELECT id, status FROM payments.payments WHERE id = $1 FOR UPDATE

@@ -334,11 +334,11 @@ async def _repeat(
 async def freeze_heap(_: web.Application) -> None:
     """Keep what the started service holds for good out of every later garbage collection.
 
-    A full collection walks every tracked object: the modules, settings, pool and broker
-    connections of a started service are some 80,000, and under load the collector walked
-    them all every few seconds, stopping the process for 25-40 ms each time (the gateway's
-    p99 at half its max rate). Frozen, they are skipped; what requests allocate is still
-    collected as before.
+    A full collection walks every tracked object, and the modules, settings, pool and
+    broker connections of a started service are many: under load the collector walked
+    them all every few seconds, pausing the process long enough to be the gateway's p99
+    (docs/decisions/0001-performance.md). Frozen, they are skipped; what requests
+    allocate is still collected as before.
     """
     gc.collect()
     gc.freeze()

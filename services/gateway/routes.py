@@ -144,15 +144,12 @@ async def docs_script(_: web.Request) -> web.FileResponse:
     return web.FileResponse(DOCS_SCRIPT, headers={"Content-Type": "text/javascript"})
 
 
-def add_guard(app: web.Application, settings: GatewaySettings) -> None:
-    """API keys and rate limits in front of every route (the bench reuses it alone)."""
+def add_routes(app: web.Application) -> None:
+    settings = app[GATEWAY_SETTINGS]
+    # API keys and rate limits in front of every route.
     app[API_KEYS] = ApiKeys([k.get_secret_value() for k in settings.all_api_keys()])
     app[RATE_LIMITS] = RateLimits(settings.rate_limit, settings.webhook_failure_limit)
     app.middlewares.append(guard)
-
-
-def add_routes(app: web.Application) -> None:
-    add_guard(app, app[GATEWAY_SETTINGS])
     app.router.add_post("/api/payments/pay", pay)
     # Before /{payment_id}, which would otherwise take "stats" for an id.
     app.router.add_get("/api/payments/stats", stats)

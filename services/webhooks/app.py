@@ -35,10 +35,8 @@ def create_app(settings: WebhooksSettings, *, topology: Topology | None = None) 
             WebhookReceived,
             lambda app: WebhookIntake(app[DATABASE]).handle,
             make_batch_handler=lambda app: WebhookIntake(app[DATABASE]).handle_batch,
-            # One batch at a time: what arrives while it runs makes the next, fuller one.
-            # In the webhooks bench, four in flight gave 0.63-0.64 of the baseline and one
-            # 0.65-0.75 (before migration 0006 four also waited on each other's counter
-            # locks: 0.53 against 0.66).
+            # One batch at a time: what arrives while it runs makes the next, fuller one
+            # (docs/decisions/0001-performance.md).
             batches_in_flight=1,
         )
     )
