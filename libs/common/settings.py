@@ -194,7 +194,17 @@ class GatewaySettings(DatabaseSettings, BrokerSettings, WebhookSigningSettings):
         return problems
 
 
-class PaymentsSettings(DatabaseSettings, BrokerSettings, ProviderClientSettings):
+class OutboxSettings(BaseServiceSettings):
+    """The relay of payment events (libs/common/outbox.py), run by the payments service."""
+
+    outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # How often an idle relay looks for new events; with a backlog it does not wait.
+    outbox_poll_interval_seconds: float = Field(default=0.1, gt=0, le=60)
+    # The event log (GET /api/events) keeps published events at least this long.
+    event_retention_days: int = Field(default=30, ge=30)
+
+
+class PaymentsSettings(DatabaseSettings, BrokerSettings, ProviderClientSettings, OutboxSettings):
     service_name: ClassVar[str] = "payments"
     port: int = Field(default=9101, ge=1, le=65535)
     # It works in batches (four in flight, each up to a quarter of the window): a wider
