@@ -16,6 +16,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from libs.common.signing import standard_key
+
 DEFAULT_DB_PASSWORD = "password123"  # noqa: S105 - the seed's development default, refused in production
 DEFAULT_WEBHOOK_SECRET = "webhook-secret-key"  # noqa: S105 - same: refused in production
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
@@ -145,6 +147,11 @@ class WebhookSigningSettings(BaseServiceSettings):
     def _at_least_one(cls, value: list[SecretStr]) -> list[SecretStr]:
         if not value:
             raise ValueError("WEBHOOK_SECRET must hold at least one secret")
+        for secret in value:
+            try:
+                standard_key(secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"WEBHOOK_SECRET: {exc}") from None
         return value
 
     def production_problems(self) -> list[str]:
