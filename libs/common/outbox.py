@@ -194,7 +194,7 @@ class OutboxRelay:
             try:
                 envelope = event_envelope(row)
                 try:
-                    await self.broker.publish(envelope)
+                    await self.broker.publish(envelope, unroutable_is_failure=False)
                     EVENTS_PUBLISHED.labels(type=envelope.type, outcome="routed").inc()
                 except MessageUnroutable:
                     # No queue is bound for it: nobody subscribed to this type, so there is

@@ -16,7 +16,7 @@ from libs.common.broker.publisher import BrokerUnavailable
 from libs.common.db import Connection, Database
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, PaymentEvent, decode
-from libs.common.metrics import EVENTS_PUBLISHED
+from libs.common.metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES
 from libs.common.outbox import OutboxRelay
 from libs.common.state_machine import (
     TransitionRequest,
@@ -211,10 +211,13 @@ async def test_an_event_nobody_subscribed_to_is_marked_published_and_counted(
         lambda conn: apply_transition(conn, payment_id, P.FAILED, source=TransitionSource.WEBHOOK)
     )
     unroutable = EVENTS_PUBLISHED.labels(type="payment.failed", outcome="unroutable")
-    before = unroutable._value.get()
+    failures = PUBLISH_FAILURES.labels(routing_key="payment.failed", reason="unroutable")
+    before, failures_before = unroutable._value.get(), failures._value.get()
     done = await relay(db, broker).relay_once()
     assert len(done.published) == 1
     assert unroutable._value.get() == before + 1
+    # Not a failure: the publish-failure alert must not fire for want of subscribers.
+    assert failures._value.get() == failures_before
     [event] = await outbox_of(db, payment_id)
     assert event["published_at"] is not None
 
@@ -230,10 +233,12 @@ class FlakyBroker:
     def is_connected(self) -> bool:
         return True
 
-    async def publish(self, envelope: Envelope[PaymentEvent]) -> None:
+    async def publish(
+        self, envelope: Envelope[PaymentEvent], *, unroutable_is_failure: bool = True
+    ) -> None:
         if self.down:
             raise BrokerUnavailable("simulated")
-        await self.broker.publish(envelope)
+        await self.broker.publish(envelope, unroutable_is_failure=unroutable_is_failure)
 
 
 async def test_an_unconfirmed_event_stays_and_holds_back_its_payments_later_ones(
