@@ -1,9 +1,9 @@
-"""Events out: the payments outbox, its relay, and the event log read from it.
+"""Events out: what an event row holds, the message it makes, and the relay that sends it.
 
-This module owns `payments.outbox`. An applied transition inserts its event in the
-transition's own statement (`insert_events_sql`, used by libs/common/state_machine.py and
-by the creation of payments), so the event exists exactly when the transition committed:
-a refused transition, or one rolled back, leaves none.
+An applied transition inserts its event into `payments.outbox` in the transition's own
+statement (`insert_events_sql`, used by libs/common/state_machine.py for creation and for
+every move), so the event exists exactly when the transition committed: a refused
+transition, or one rolled back, leaves none.
 
 The relay publishes the unsent events in id order, with confirms and `mandatory`, and
 stamps `published_at` in the same transaction that read them. A crash before that commit
@@ -18,21 +18,20 @@ payment's transitions take its row lock, so its later event always has the highe
 and the relay never publishes an event while an earlier one of the same payment is
 unsent (a failed publish holds back the rest of that payment's events in the round).
 
-Kept after publishing, events are the event log (`GET /api/events`) until they are older
-than the retention; only published events are ever pruned.
+Kept after publishing, events are the event log (`GET /api/events`, read through
+libs/common/payments_store.py) until they are older than the retention; only published
+events are ever pruned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import json
 import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -310,64 +309,3 @@ def relay_context(
         await asyncio.wait(tasks, timeout=5)
 
     return context
-
-
-# --- the event log ----------------------------------------------------------------------------
-
-_EVENT_COLUMNS = "id, event_id, payment_id, type, payload, correlation_id, created_at, published_at"
-
-
-def event_json(row: asyncpg.Record) -> dict[str, Any]:
-    """An event as the API shows it: the bus message, and when it was published."""
-    return {
-        **event_envelope(row).model_dump(mode="json"),
-        "published_at": row["published_at"].isoformat() if row["published_at"] else None,
-    }
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EventFilter:
-    type: str | None = None
-    payment_id: uuid.UUID | None = None
-    created_from: dt.datetime | None = None
-    created_to: dt.datetime | None = None
-    # Newest first: the page starts after this (created_at, id) position.
-    after: tuple[dt.datetime, int] | None = None
-    limit: int = 20
-
-
-async def list_events(db: Database, query: EventFilter) -> tuple[list[asyncpg.Record], bool]:
-    """A page of events, newest first, and whether more follow."""
-    conditions: list[str] = []
-    args: list[Any] = []
-
-    def where(condition: str, *values: Any) -> None:
-        start = len(args)
-        args.extend(values)
-        conditions.append(condition.format(*(f"${start + i + 1}" for i in range(len(values)))))
-
-    if query.type is not None:
-        where("type = {}", query.type)
-    if query.payment_id is not None:
-        where("payment_id = {}", query.payment_id)
-    if query.created_from is not None:
-        where("created_at >= {}", query.created_from)
-    if query.created_to is not None:
-        where("created_at < {}", query.created_to)
-    if query.after is not None:
-        where("(created_at, id) < ({}, {})", *query.after)
-    args.append(query.limit + 1)
-    sql = (
-        f"SELECT {_EVENT_COLUMNS} FROM payments.outbox"  # noqa: S608 - fixed fragments; values are bound
-        + (" WHERE " + " AND ".join(conditions) if conditions else "")
-        + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
-    )
-    rows = await db.fetch(sql, *args)
-    return rows[: query.limit], len(rows) > query.limit
-
-
-async def get_event(db: Database, event_id: uuid.UUID) -> asyncpg.Record | None:
-    return await db.fetchrow(
-        f"SELECT {_EVENT_COLUMNS} FROM payments.outbox WHERE event_id = $1",  # noqa: S608 - constant columns
-        event_id,
-    )

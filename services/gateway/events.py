@@ -2,26 +2,29 @@
 
 `GET /api/events` pages newest first by keyset (created_at, id), so a page costs the same
 however deep it is; `GET /api/events/{id}` is one event by its `message_id`. Events are
-read from the outbox (libs/common/outbox.py), which keeps them at least
-EVENT_RETENTION_DAYS.
+read from the outbox through the payments data's owner (libs/common/payments_store.py);
+the relay keeps them at least EVENT_RETENTION_DAYS.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from asyncpg import Record
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common.db import Database
 from libs.common.errors import ApiError
 from libs.common.messages import payment_event_type
-from libs.common.outbox import EventFilter, event_json, get_event, list_events
+from libs.common.outbox import event_envelope
+from libs.common.payments_store import EventFilter, event_by_id, list_events
 from libs.common.states import PaymentStatus
 
 EVENT_TYPES = frozenset(payment_event_type(status) for status in PaymentStatus)
@@ -74,7 +77,13 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, int]:
     return position
 
 
-def parse_events_query(params: Mapping[str, str]) -> EventFilter:
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventsPage:
+    where: EventFilter
+    limit: int
+
+
+def parse_events_query(params: Mapping[str, str]) -> EventsPage:
     try:
         query = EventsQuery.model_validate(dict(params))
     except ValidationError as exc:
@@ -82,14 +91,14 @@ def parse_events_query(params: Mapping[str, str]) -> EventFilter:
     if query.type is not None and query.type not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise ApiError(400, "invalid_query", f"type: {query.type!r} is not one of {known}.")
-    return EventFilter(
+    where = EventFilter(
         type=query.type,
         payment_id=query.payment_id,
         created_from=query.created_from,
         created_to=query.created_to,
-        after=decode_cursor(query.cursor) if query.cursor is not None else None,
-        limit=query.limit,
+        before=decode_cursor(query.cursor) if query.cursor is not None else None,
     )
+    return EventsPage(where, query.limit)
 
 
 def parse_event_id(raw: str) -> uuid.UUID:
@@ -99,16 +108,26 @@ def parse_event_id(raw: str) -> uuid.UUID:
         raise ApiError(400, "invalid_event_id", "An event id is a UUID (its message_id).") from None
 
 
-async def events_page(db: Database, query: EventFilter) -> dict[str, Any]:
-    rows, more = await list_events(db, query)
+def event_json(row: Record) -> dict[str, Any]:
+    """An event as the API shows it: the bus message, and when it was published."""
     return {
-        "data": [event_json(row) for row in rows],
-        "next_cursor": encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None,
+        **event_envelope(row).model_dump(mode="json"),
+        "published_at": row["published_at"].isoformat() if row["published_at"] else None,
+    }
+
+
+async def events_page(db: Database, page: EventsPage) -> dict[str, Any]:
+    rows = await list_events(db, page.where, page.limit + 1)
+    shown = rows[: page.limit]
+    more = len(rows) > page.limit
+    return {
+        "data": [event_json(row) for row in shown],
+        "next_cursor": encode_cursor(shown[-1]["created_at"], shown[-1]["id"]) if more else None,
     }
 
 
 async def one_event(db: Database, event_id: uuid.UUID) -> dict[str, Any]:
-    row = await get_event(db, event_id)
+    row = await event_by_id(db, event_id)
     if row is None:
         raise ApiError(404, "event_not_found", f"No event {event_id} (or it is past retention).")
     return event_json(row)

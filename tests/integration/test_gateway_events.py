@@ -12,23 +12,21 @@ from libs.common.broker.connection import Broker
 from libs.common.db import Database
 from libs.common.messages import PaymentEvent, decode
 from libs.common.outbox import OutboxRelay
-from libs.common.state_machine import apply_transition, record_creation
 from libs.common.states import PaymentStatus, TransitionSource
 from services.gateway.events import EVENT_TYPES
 from tests.integration.conftest import MakeGateway
 from tests.integration.gateway_client import Gateway
-from tests.integration.test_state_machine import insert_payment
 from tests.openapi import DOCUMENT
+from tests.payments_data import create_payment
+from tests.payments_data import move_to as apply_transition
 from tests.unit.test_asyncapi import DOCUMENT as ASYNCAPI
 
 P = PaymentStatus
 
 
 async def completed_payment(db: Database) -> uuid.UUID:
-    payment_id = await insert_payment(db)
-    await db.transaction(
-        lambda conn: record_creation(conn, payment_id, source=TransitionSource.API)
-    )
+    payment_id = uuid.uuid4()
+    await db.transaction(lambda conn: create_payment(conn, payment_id))
     for to in (P.PROCESSING, P.COMPLETED):
         await db.transaction(
             lambda conn, to=to: apply_transition(

@@ -18,14 +18,11 @@ from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, PaymentEvent, decode
 from libs.common.metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES
 from libs.common.outbox import OutboxRelay
-from libs.common.state_machine import (
-    TransitionRequest,
-    apply_transition,
-    apply_transitions,
-    record_creation,
-)
+from libs.common.state_machine import TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from tests.integration.test_state_machine import insert_payment
+from tests.payments_data import create_payment
+from tests.payments_data import move_to as apply_transition
 from tests.support import eventually
 
 P = PaymentStatus
@@ -69,11 +66,9 @@ async def drain(queue: AbstractQueue, count: int) -> list[aio_pika.abc.AbstractI
 async def test_an_applied_transition_writes_one_event_and_a_refused_one_none(
     db: Database,
 ) -> None:
-    payment_id = await insert_payment(db)
+    payment_id = uuid.uuid4()
     with correlation_scope("corr-events"):
-        await db.transaction(
-            lambda conn: record_creation(conn, payment_id, source=TransitionSource.API)
-        )
+        await db.transaction(lambda conn: create_payment(conn, payment_id))
         moved = await db.transaction(
             lambda conn: apply_transition(
                 conn, payment_id, P.PROCESSING, source=TransitionSource.PROVIDER, reason="ch_1"
