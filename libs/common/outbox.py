@@ -150,6 +150,9 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.retention_days = retention_days
+        # At 0 from the start, so that the first failure shows as an increase.
+        for reason in ("failed", "timeout", "nacked", "unavailable", "invalid"):
+            OUTBOX_PUBLISH_FAILURES.labels(reason=reason)
 
     async def relay_once(self) -> RelayRound:
         """Publish up to a batch of unsent events, oldest first, if it is this relay's turn."""
