@@ -29,7 +29,15 @@ migrate: install
 run: install
 	$(PY) scripts/run_stack.py
 
-test: install
+# The AsyncAPI project's own parser (npm, pinned by its lockfile), which the tests run on
+# services/gateway/asyncapi.json; installed without running any package's scripts.
+ASYNCAPI_PARSER := tests/asyncapi/node_modules/.installed
+
+$(ASYNCAPI_PARSER): tests/asyncapi/package.json tests/asyncapi/package-lock.json
+	npm ci --prefix tests/asyncapi --ignore-scripts --no-audit --no-fund
+	touch $@
+
+test: install $(ASYNCAPI_PARSER)
 	$(BIN)/pytest
 
 lint: install

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +24,7 @@ from bench.common import Context, pay_request, purge_queues, wait_until
 from bench.harness import Stack
 from bench.load import closed_loop, ms, open_loop, percentile, same_request
 from bench.report import Figure, ScenarioResult
+from libs.common.outbox import RELAY_LOCK_KEY
 
 DELAY_MS = 100
 MAX_P99_SECONDS = 2.0
@@ -65,6 +67,7 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
             " WHERE id = ANY($1::uuid[])",
             ids,
         )
+        events = await _events_published(conn, ids)
     finally:
         await conn.close()
     cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), len(ids))
@@ -95,6 +98,71 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
         "sustained": sustained,
         # Includes whatever the drain took; per accepted payment.
         "cpu_ms_per_payment": cpu,
+        "events": events,
+    }
+
+
+async def _events_published(conn: Any, ids: list[uuid.UUID]) -> dict[str, Any]:
+    """The step's payment events: how many, how fast they went out, how long they waited."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) AS events, count(published_at) AS published,
+               extract(epoch FROM max(published_at) - min(published_at)) AS span,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM published_at - created_at)) AS lag_p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM published_at - created_at)) AS lag_p99
+          FROM payments.outbox WHERE payment_id = ANY($1::uuid[])
+        """,  # noqa: E501 - one SQL statement
+        ids,
+    )
+    span = float(row["span"] or 0)
+    return {
+        "written": row["events"],
+        "published": row["published"],
+        "published_per_s": round(row["published"] / span, 1) if span > 0 else None,
+        "lag_p50_ms": ms(row["lag_p50"]),
+        "lag_p99_ms": ms(row["lag_p99"]),
+    }
+
+
+async def _relay_cost(stack: Stack, port: int, rate: float, duration: float) -> dict[str, Any]:
+    """What relaying costs: events pile up while the bench holds the relay's turn (its
+    advisory lock, as another replica would), then the CPU of draining them, per event."""
+    conn = await stack.connect()
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", RELAY_LOCK_KEY)
+        load = await open_loop(
+            port, same_request(pay_request(port)), rate=rate, duration=duration, keep_bodies=True
+        )
+        ids = [uuid.UUID(json.loads(s.body)["id"]) for s in load.ok(202)]
+
+        async def completed() -> bool:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM payments.payments"
+                " WHERE id = ANY($1::uuid[]) AND status = 'completed'",
+                ids,
+            )
+            return bool(n >= len(ids))
+
+        await wait_until(completed, within=DRAIN_SECONDS, what="completion", interval=0.25)
+        unsent_sql = "SELECT count(*) FROM payments.outbox WHERE published_at IS NULL"
+        backlog = int(await conn.fetchval(unsent_sql))
+        before, started = stack.cpu(), time.monotonic()
+        await conn.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
+
+        async def drained() -> bool:
+            return int(await conn.fetchval(unsent_sql)) == 0
+
+        await wait_until(drained, within=DRAIN_SECONDS, what="outbox drain", interval=0.02)
+        took = time.monotonic() - started
+        after = stack.cpu()
+    finally:
+        await conn.close()
+    return {
+        "payments": len(ids),
+        "events": backlog,
+        "drain_seconds": round(took, 3),
+        "drain_events_per_s": round(backlog / took, 1) if took > 0 else None,
+        "cpu_ms_per_event": stack.cpu_ms_per(before, after, backlog),
     }
 
 
@@ -127,6 +195,43 @@ async def left_behind(stack: Stack, *, settle_within: float) -> dict[str, Any]:
     found["queued_or_parked_messages"] = sum(depths.values())
     found["queues"] = depths
     return found
+
+
+def _add_event_figures(result: ScenarioResult, best: dict[str, Any], relay: dict[str, Any]) -> None:
+    events = best["events"]
+    result.add(
+        Figure(
+            f"payment events published/s at {best['offered_per_s']:.0f} pay/s",
+            events["published_per_s"],
+            "events/s",
+            "payments completed/s, same step",
+            best["completion_rate_per_s"],
+            note=f"outbox lag p50 {events['lag_p50_ms']} ms, p99 {events['lag_p99_ms']} ms",
+        )
+    )
+    # The relay's CPU per payment (its processes' CPU while draining, per event, times the
+    # events a payment has) against everything a payment costs in the sustained step.
+    # The payments service (where the relay runs) and the two servers it talks to; the
+    # servers' figures are machine-wide, so whatever else the machine runs counts too.
+    per_event = sum(
+        ms_per_event
+        for name, ms_per_event in relay["cpu_ms_per_event"].items()
+        if name.startswith(("payments", "postgres", "rabbitmq"))
+    )
+    per_payment = per_event * events["written"] / max(best["accepted"], 1)
+    total = sum(best["cpu_ms_per_payment"].values())
+    result.add(
+        Figure(
+            "relay CPU per payment",
+            round(per_payment, 3),
+            "ms",
+            "all CPU per payment, sustained step",
+            round(total, 3),
+            better="lower",
+            note="the ratio is the relay's share; the event row written by the transition"
+            " itself is in PostgreSQL's part of the baseline",
+        )
+    )
 
 
 async def run(ctx: Context) -> ScenarioResult:
@@ -175,6 +280,14 @@ async def run(ctx: Context) -> ScenarioResult:
                 if not going_down:
                     break
         result.details["steps"] = steps
+        if best is not None:
+            try:
+                relay = await _relay_cost(stack, gateway.port, best["offered_per_s"] / 2, duration)
+            except TimeoutError as exc:
+                result.details["relay"] = {"error": str(exc)}
+            else:
+                result.details["relay"] = relay
+                _add_event_figures(result, best, relay)
         behind = await left_behind(stack, settle_within=DRAIN_SECONDS)
         result.details["left_behind"] = behind
         accepted = sum(s["accepted"] for s in steps)

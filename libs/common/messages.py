@@ -1,9 +1,10 @@
 """Messages on the bus: one envelope, typed payloads, JSON on the wire (never pickle).
 
-Every message's `type` is also its routing key. `message_id` is the consumer's dedupe
-key; `correlation_id` carries the originating request's id into every log line the
-message causes. A payload's `VERSION` is bumped on an incompatible change, and consumers
-refuse (park) versions they do not know instead of guessing.
+Every message's `type` is also its routing key: a command's is fixed by its payload
+class, an event's follows from its payload (`payment.<new status>`). `message_id` is the
+consumer's dedupe key; `correlation_id` carries the originating request's id into every
+log line the message causes. A payload's `VERSION` is bumped on an incompatible change,
+and consumers refuse (park) versions they do not know instead of guessing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 from pydantic import AwareDatetime, Base64Bytes, BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common.logs import get_correlation_id, new_correlation_id
+from libs.common.states import PaymentStatus, TransitionSource
 
 
 class Payload(BaseModel):
@@ -22,6 +24,10 @@ class Payload(BaseModel):
 
     TYPE: ClassVar[str]
     VERSION: ClassVar[int] = 1
+
+    def message_type(self) -> str:
+        """This message's `type` and routing key."""
+        return self.TYPE
 
 
 P = TypeVar("P", bound=Payload)
@@ -68,7 +74,7 @@ def wrap(
     """Put `payload` in an envelope stamped now, under the current correlation id."""
     return envelope_type(type(payload))(
         message_id=message_id or uuid.uuid4(),
-        type=payload.TYPE,
+        type=payload.message_type(),
         version=payload.VERSION,
         occurred_at=dt.datetime.now(dt.UTC),
         correlation_id=correlation_id or get_correlation_id() or new_correlation_id(),
@@ -85,8 +91,10 @@ def decode(body: bytes, payload_type: type[P]) -> Envelope[P]:
         envelope = envelope_type(payload_type).model_validate_json(body)
     except ValidationError as exc:
         raise MessageDecodeError(f"not a valid {payload_type.TYPE} message: {exc}") from exc
-    if envelope.type != payload_type.TYPE:
-        raise MessageDecodeError(f"expected a {payload_type.TYPE} message, got {envelope.type}")
+    if envelope.type != envelope.payload.message_type():
+        raise MessageDecodeError(
+            f"expected a {envelope.payload.message_type()} message, got {envelope.type}"
+        )
     if envelope.version != payload_type.VERSION:
         raise MessageDecodeError(
             f"{envelope.type} version {envelope.version} is not supported"
@@ -132,3 +140,52 @@ class ReconciliationRequested(Payload):
 
     run_id: uuid.UUID
     trigger: Literal["cron", "manual"] = "manual"
+
+
+# --- the platform's events --------------------------------------------------------------------
+
+PAYMENT_EVENT_PREFIX = "payment."
+
+
+def payment_event_type(status: PaymentStatus) -> str:
+    """The type and routing key of the event a move to `status` publishes."""
+    return PAYMENT_EVENT_PREFIX + status.value
+
+
+class PaymentEvent(Payload):
+    """A payment transition that was applied: the payment as it became, and how.
+
+    Published as `payment.<status>` for every status, so a status added to the lifecycle
+    gets its event with no change here. `sequence` counts one payment's events from 1
+    without gaps: a consumer orders them by it and deduplicates on `message_id`.
+    """
+
+    # The pattern; each message's own type is payment.<status> (see message_type).
+    TYPE: ClassVar[str] = PAYMENT_EVENT_PREFIX + "*"
+
+    payment_id: uuid.UUID
+    sequence: int = Field(ge=1)
+    status: PaymentStatus
+    # None for the first event, the payment's creation.
+    previous_status: PaymentStatus | None
+    source: TransitionSource
+    reason: str | None
+    reference: str
+    amount_minor: int = Field(gt=0)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    customer_id: str
+    description: str | None
+    metadata: dict[str, Any]
+    provider: str | None
+    provider_reference: str | None
+    failure_reason: str | None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+    def message_type(self) -> str:
+        return payment_event_type(self.status)
+
+
+# Every payload class on the bus (the AsyncAPI document describes each of them).
+COMMANDS: tuple[type[Payload], ...] = (PaymentRequested, WebhookReceived, ReconciliationRequested)
+EVENTS: tuple[type[Payload], ...] = (PaymentEvent,)

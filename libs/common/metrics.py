@@ -62,3 +62,30 @@ QUEUE_CONSUMERS = Gauge(
     "Consumers attached to a queue, as last seen by one of them.",
     ["queue"],
 )
+
+# Events out (libs/common/outbox.py).
+EVENTS_WRITTEN = Counter(
+    "payment_events_written_total",
+    "Payment events written to the outbox with their transition, by type.",
+    ["type"],
+)
+EVENTS_PUBLISHED = Counter(
+    "payment_events_published_total",
+    "Payment events the broker confirmed, by type and outcome (routed, or unroutable when"
+    " no queue is bound for the type).",
+    ["type", "outcome"],
+)
+OUTBOX_PUBLISH_FAILURES = Counter(
+    "payment_events_publish_failures_total",
+    "Attempts to publish an outbox event that were not confirmed (it stays in the outbox"
+    " and is tried again), by reason.",
+    ["reason"],
+)
+OUTBOX_BACKLOG = Gauge(
+    "payment_events_outbox_backlog",
+    "Events in the outbox not yet published, as last measured by this relay.",
+)
+OUTBOX_OLDEST_UNSENT_AGE = Gauge(
+    "payment_events_outbox_oldest_unsent_age_seconds",
+    "Age of the oldest event not yet published (0 when none waits), as last measured.",
+)

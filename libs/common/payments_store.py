@@ -2,7 +2,8 @@
 
 The payments service owns the `payments` schema; the other services read it only through
 this module and write it only through `libs.common.state_machine` (creation and every
-move) and `libs.common.inbox`. No service writes SQL on `payments.*` of its own.
+move, with its event), `libs.common.inbox` and `libs.common.outbox` (the relay marks
+events published and prunes old ones). No service writes SQL on `payments.*` of its own.
 """
 
 from __future__ import annotations
@@ -235,3 +236,55 @@ async def oldest_unsettled_ages(db: Database) -> dict[PaymentStatus, float]:
         """
     )
     return {PaymentStatus(row["status"]): float(row["age"]) for row in rows}
+
+
+# --- the event log (the gateway's GET /api/events) -------------------------------------------
+
+EVENT_COLUMNS = "id, event_id, payment_id, type, payload, correlation_id, created_at, published_at"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventFilter:
+    type: str | None = None
+    payment_id: uuid.UUID | None = None
+    created_from: dt.datetime | None = None
+    created_to: dt.datetime | None = None
+    # Keyset position: only events strictly older than (created_at, id).
+    before: tuple[dt.datetime, int] | None = None
+
+
+async def list_events(db: Database, where: EventFilter, limit: int) -> list[Record]:
+    """Outbox events matching `where`, newest first (created_at, id), at most `limit`."""
+    conditions: list[str] = []
+    args: list[Any] = []
+
+    def condition(template: str, value: Any) -> None:
+        args.append(value)
+        conditions.append(template.format(f"${len(args)}"))
+
+    if where.type is not None:
+        condition("type = {}", where.type)
+    if where.payment_id is not None:
+        condition("payment_id = {}", where.payment_id)
+    if where.created_from is not None:
+        condition("created_at >= {}", where.created_from)
+    if where.created_to is not None:
+        condition("created_at < {}", where.created_to)
+    if where.before is not None:
+        args.extend(where.before)
+        conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    sql = (
+        f"SELECT {EVENT_COLUMNS} FROM payments.outbox"  # noqa: S608 - built from fixed fragments; values are bound
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+    )
+    return await db.fetch(sql, *args)
+
+
+async def event_by_id(db: Database, event_id: uuid.UUID) -> Record | None:
+    """One outbox event by its message_id; None when there is none (or it was pruned)."""
+    return await db.fetchrow(
+        f"SELECT {EVENT_COLUMNS} FROM payments.outbox WHERE event_id = $1",  # noqa: S608 - constant columns
+        event_id,
+    )

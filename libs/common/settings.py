@@ -16,6 +16,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from libs.common.signing import standard_key
+
 DEFAULT_DB_PASSWORD = "password123"  # noqa: S105 - the seed's development default, refused in production
 DEFAULT_WEBHOOK_SECRET = "webhook-secret-key"  # noqa: S105 - same: refused in production
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@localhost:5672/"
@@ -150,6 +152,11 @@ class WebhookSigningSettings(BaseServiceSettings):
     def _at_least_one(cls, value: list[SecretStr]) -> list[SecretStr]:
         if not value:
             raise ValueError("WEBHOOK_SECRET must hold at least one secret")
+        for secret in value:
+            try:
+                standard_key(secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"WEBHOOK_SECRET: {exc}") from None
         return value
 
     def production_problems(self) -> list[str]:
@@ -199,7 +206,17 @@ class GatewaySettings(DatabaseSettings, BrokerSettings, WebhookSigningSettings):
         return problems
 
 
-class PaymentsSettings(DatabaseSettings, BrokerSettings, ProviderClientSettings):
+class OutboxSettings(BaseServiceSettings):
+    """The relay of payment events (libs/common/outbox.py), run by the payments service."""
+
+    outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
+    # How often an idle relay looks for new events; with a backlog it does not wait.
+    outbox_poll_interval_seconds: float = Field(default=0.1, gt=0, le=60)
+    # The event log (GET /api/events) keeps published events at least this long.
+    event_retention_days: int = Field(default=30, ge=30)
+
+
+class PaymentsSettings(DatabaseSettings, BrokerSettings, ProviderClientSettings, OutboxSettings):
     service_name: ClassVar[str] = "payments"
     port: int = Field(default=9101, ge=1, le=65535)
     # It works in batches (four in flight, each up to a quarter of the window): a wider

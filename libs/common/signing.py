@@ -4,11 +4,13 @@ Both are HMAC-SHA256 over the exact bytes of the request body, so they are compu
 checked on raw bytes before anything parses them.
 
 - seed: `X-Webhook-Signature: <hex HMAC-SHA256(secret, body)>` (a `sha256=` prefix is
-  accepted too). What `openssl dgst -sha256 -hmac "$WEBHOOK_SECRET" payload.json` prints.
+  accepted too), the key being the secret's UTF-8 bytes as written, a `whsec_` one
+  included. What `openssl dgst -sha256 -hmac "$WEBHOOK_SECRET" payload.json` prints.
 - Standard Webhooks (standardwebhooks.com): `webhook-id`, `webhook-timestamp` (Unix
   seconds) and `webhook-signature: v1,<base64 HMAC-SHA256(key, "id.timestamp.body")>`,
   several space-separated signatures allowed. A secret written `whsec_<base64>` is used
-  as the decoded key; any other secret as its UTF-8 bytes.
+  as the decoded key, as the spec and its official libraries read it; any other secret as
+  its UTF-8 bytes (see `standard_key`).
 
 With several secrets (rotation), the first one signs and every one verifies.
 """
@@ -49,13 +51,31 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def _key(secret: str) -> bytes:
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-        except binascii.Error:
-            pass
-    return secret.encode()
+STANDARD_SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
+
+
+def standard_key(secret: str) -> bytes:
+    """The HMAC key Standard Webhooks signs with, from a configured secret.
+
+    `whsec_<base64>` is the spec's form (what the official libraries generate and read):
+    the key is the decoded bytes, with or without the base64 padding, as those libraries
+    accept it. Any other secret, such as the seed's `webhook-secret-key`, is used as its
+    UTF-8 bytes (with the official libraries, pass those bytes: `Webhook(secret.encode())`).
+    Raises ValueError for a `whsec_` secret that is not base64.
+    """
+    if not secret.startswith(STANDARD_SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret.removeprefix(STANDARD_SECRET_PREFIX).rstrip("=")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "a secret starting with whsec_ must continue in base64 (A-Z a-z 0-9 + /),"
+            " as the Standard Webhooks libraries generate it"
+        ) from None
+    if not key:
+        raise ValueError("a whsec_ secret must hold a key after the prefix")
+    return key
 
 
 def seed_signature(body: bytes, secret: str) -> str:
@@ -64,7 +84,7 @@ def seed_signature(body: bytes, secret: str) -> str:
 
 def standard_signature(message_id: str, timestamp: int, body: bytes, secret: str) -> str:
     signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    digest = hmac.new(standard_key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 

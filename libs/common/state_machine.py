@@ -4,9 +4,12 @@ Every service (payments, webhooks, reconciler) creates payments only through
 `create_payments` and moves them only through `apply_transitions`, inside the caller's
 transaction or as a statement of its own. Each is a single SQL statement: lock the rows,
 update each only if the move is allowed from its current status, and append an audit row
-per move saying what was asked, by whom, and whether it was applied or refused. They are
-the only writes on the payments schema besides its inbox (reads are in
-`libs.common.payments_store`), and `_AUDIT_CTE` is the only writer of its audit table.
+per move saying what was asked, by whom, and whether it was applied or refused; and put
+the event of every move applied (creation included) in the outbox, numbered by the
+payment's event sequence (`_EVENTS_CTE`, see libs/common/outbox.py), so an event commits
+exactly when its move does and a refused move has none. They are the only writes on the
+payments schema besides its inbox and the relay's marking of published events (reads are
+in `libs.common.payments_store`), and `_AUDIT_CTE` is the only writer of its audit table.
 
 Two concurrent moves of one payment serialize on the row lock, and the second one sees
 the first one's result, so a late or duplicate event can never move a payment backwards.
@@ -26,7 +29,9 @@ import asyncpg
 
 from libs.common.db import Connection
 from libs.common.logs import get_correlation_id
-from libs.common.metrics import PAYMENT_TRANSITIONS
+from libs.common.messages import payment_event_type
+from libs.common.metrics import EVENTS_WRITTEN, PAYMENT_TRANSITIONS
+from libs.common.outbox import insert_events_sql
 from libs.common.states import ALLOWED_FROM, PaymentStatus, TransitionSource
 
 
@@ -75,6 +80,11 @@ audit AS (
 )
 """
 
+# The one place that writes events into payments.outbox: for each row of the CTE `applied`
+# (the payment's columns as the move left them, its event_sequence already raised, plus
+# previous_status, source, reason and correlation_id), the event payment.<new status>.
+_EVENTS_CTE = "events AS (" + insert_events_sql("applied") + ")"
+
 _TRANSITIONS_SQL = f"""
 WITH asked AS (
     SELECT *
@@ -95,11 +105,15 @@ WITH asked AS (
        SET status = d.to_status,
            provider = COALESCE(d.provider, p.provider),
            provider_reference = COALESCE(d.provider_reference, p.provider_reference),
-           failure_reason = COALESCE(d.failure_reason, p.failure_reason)
+           failure_reason = COALESCE(d.failure_reason, p.failure_reason),
+           event_sequence = p.event_sequence + 1
       FROM decided AS d
      WHERE p.id = d.payment_id AND d.allowed
-    RETURNING p.id
-), recorded AS (
+    RETURNING p.*
+), applied AS (
+    SELECT moved.*, d.from_status AS previous_status, d.source, d.reason, d.correlation_id
+      FROM moved JOIN decided AS d ON d.payment_id = moved.id
+), {_EVENTS_CTE}, recorded AS (
     SELECT d.payment_id, d.from_status, d.to_status,
            d.payment_id IN (SELECT id FROM moved) AS applied, d.source,
            CASE WHEN d.payment_id IN (SELECT id FROM moved) THEN d.reason
@@ -123,11 +137,16 @@ WITH locked AS (
        SET status = $2::text,
            provider = COALESCE($3::text, p.provider),
            provider_reference = COALESCE($4::text, p.provider_reference),
-           failure_reason = COALESCE($5::text, p.failure_reason)
+           failure_reason = COALESCE($5::text, p.failure_reason),
+           event_sequence = p.event_sequence + 1
       FROM locked
      WHERE p.id = locked.id AND locked.status = ANY($9::text[])
-    RETURNING p.id
-), recorded AS (
+    RETURNING p.*
+), applied AS (
+    SELECT moved.*, locked.status AS previous_status, $6::text AS source,
+           $7::text AS reason, $8::text AS correlation_id
+      FROM moved, locked
+), {_EVENTS_CTE}, recorded AS (
     SELECT locked.id AS payment_id, locked.status AS from_status, $2::text AS to_status,
            EXISTS (SELECT 1 FROM moved) AS applied, $6::text AS source,
            CASE WHEN EXISTS (SELECT 1 FROM moved) THEN $7::text
@@ -151,13 +170,18 @@ WITH incoming AS (
 ), inserted AS (
     INSERT INTO payments.payments
         (id, reference, amount_minor, currency, customer_id, description, metadata,
-         created_at, updated_at)
+         created_at, updated_at, event_sequence)
     SELECT id, reference, amount_minor, currency, customer_id, description, metadata::jsonb,
-           COALESCE(created_at, now()), COALESCE(created_at, now())
+           COALESCE(created_at, now()), COALESCE(created_at, now()), 1
       FROM incoming
     ON CONFLICT (id) DO NOTHING
-    RETURNING id
-), recorded AS (
+    RETURNING *
+), applied AS (
+    -- The payment's first event, payment.pending, sequence 1.
+    SELECT inserted.*, NULL::text AS previous_status, $11::text AS source,
+           $12::text AS reason, incoming.correlation_id
+      FROM inserted JOIN incoming USING (id)
+), {_EVENTS_CTE}, recorded AS (
     SELECT incoming.id AS payment_id, NULL::text AS from_status, $10::text AS to_status,
            true AS applied, $11::text AS source, $12::text AS reason, incoming.correlation_id
       FROM incoming JOIN inserted USING (id)
@@ -230,6 +254,7 @@ async def create_payments(
         PAYMENT_TRANSITIONS.labels(
             source=source.value, to_status=PaymentStatus.PENDING.value, outcome="applied"
         ).inc(created)
+        EVENTS_WRITTEN.labels(type=payment_event_type(PaymentStatus.PENDING)).inc(created)
     return result
 
 
@@ -293,6 +318,8 @@ def _results(requests: Sequence[TransitionRequest], rows: list[asyncpg.Record]) 
             to_status=request.to_status.value,
             outcome="applied" if applied else "refused",
         ).inc()
+        if applied:
+            EVENTS_WRITTEN.labels(type=payment_event_type(request.to_status)).inc()
         results.append(
             Transition(
                 request.payment_id, request.to_status, PaymentStatus(row["from_status"]), applied

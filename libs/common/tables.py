@@ -100,6 +100,10 @@ payments = Table(
     Column("provider_reference", Text, nullable=True),
     Column("failure_reason", Text, nullable=True),
     Column("metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    # How many events this payment has put in the outbox: the last one's sequence number.
+    # Raised by the transition's own UPDATE, under its row lock, so no two events of a
+    # payment share a number and none is skipped.
+    Column("event_sequence", Integer, nullable=False, server_default=text("0")),
     _created_at(),
     # Kept current by the trigger payments.set_updated_at (see the initial migration).
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
@@ -147,6 +151,43 @@ payment_events = Table(
 )
 
 payments_inbox = _inbox(PAYMENTS_SCHEMA)
+
+# The transactional outbox and the event log in one: every applied transition's event,
+# inserted by the transition's own statement (libs/common/state_machine.py), published
+# by the relay (libs/common/outbox.py), kept after publishing for the event log API and
+# pruned once older than EVENT_RETENTION_DAYS.
+outbox = Table(
+    "outbox",
+    metadata,
+    # The relay publishes in this order, so one payment's events leave in sequence.
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    # The bus message's message_id, the same on every publish of this event.
+    Column("event_id", UUID(as_uuid=True), nullable=False, unique=True),
+    Column(
+        "payment_id",
+        UUID(as_uuid=True),
+        ForeignKey(payments.c.id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("sequence", Integer, nullable=False),
+    # The routing key: payment.<new status>.
+    Column("type", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("correlation_id", Text, nullable=False),
+    _created_at(),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    UniqueConstraint("payment_id", "sequence"),
+    CheckConstraint("sequence > 0", name="sequence_positive"),
+    CheckConstraint("type ~ '^payment\\.[a-z_]+$'", name="type_payment_status"),
+    # What the relay reads: the unsent events, oldest first.
+    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    # The event log: newest first, keyset pagination on (created_at, id), optionally by type.
+    Index(None, "created_at", "id"),
+    Index(None, "type", "created_at", "id"),
+    schema=PAYMENTS_SCHEMA,
+)
 
 # Kept by the triggers payments_count_* (migrations 0005 and 0006), so that
 # /api/payments/stats never scans payments. Each total is spread over several slot rows,

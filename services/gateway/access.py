@@ -1,10 +1,11 @@
 """Who may call the API, and how often.
 
 API keys: when API_KEYS (or the seed's API_SECRET) is set, and always in production,
-`/api/payments*` and `/api/reconciliations*` need `Authorization: Bearer <key>`. Every
-configured key is compared in constant time, all of them on every request, so timing
-reveals neither a key nor which key matched. A key's identity for idempotency and rate
-limits is a hash of it, never the key itself. Removing a key from API_KEYS revokes it.
+`/api/payments*`, `/api/reconciliations*` and `/api/events*` need
+`Authorization: Bearer <key>`. Every configured key is compared in constant time, all of
+them on every request, so timing reveals neither a key nor which key matched. A key's
+identity for idempotency and rate limits is a hash of it, never the key itself. Removing
+a key from API_KEYS revokes it.
 
 Rate limits: a sliding window per client (the API key, or the address without keys)
 answers 429 with Retry-After; and a separate window per address counts webhook
@@ -30,7 +31,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from libs.common.errors import ApiError
 
-PROTECTED_PREFIXES = ("/api/payments", "/api/reconciliations")
+PROTECTED_PREFIXES = ("/api/payments", "/api/reconciliations", "/api/events")
 ANONYMOUS = "anonymous"
 
 

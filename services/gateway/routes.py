@@ -11,6 +11,7 @@ from aiohttp import web
 from libs.common.errors import ApiError
 from libs.common.settings import GatewaySettings
 from libs.common.web import BROKER, DATABASE, read_body, read_json_object
+from services.gateway import events
 from services.gateway.access import ANONYMOUS, PROTECTED_PREFIXES, ApiKeys, RateLimits
 from services.gateway.idempotency import IdempotencyKeys, check_key
 from services.gateway.intake import accept_payment
@@ -39,6 +40,7 @@ RATE_LIMITS = web.AppKey("rate_limits", RateLimits)
 # Who is calling: an API key's id, or "anonymous" without API keys.
 CLIENT = web.RequestKey("client", str)
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+ASYNCAPI_PATH = Path(__file__).with_name("asyncapi.json")
 DOCS_PAGE = Path(__file__).with_name("docs.html")
 DOCS_SCRIPT = Path(__file__).with_name("docs.js")
 # Swagger UI's files as the swagger-ui-py package ships them (found, not imported).
@@ -132,6 +134,20 @@ async def reconciliation_run(request: web.Request) -> web.Response:
     return web.json_response(await get_run(request.app[DATABASE], run_id))
 
 
+async def event_page(request: web.Request) -> web.Response:
+    query = events.parse_events_query(request.query)
+    return web.json_response(await events.events_page(request.app[DATABASE], query))
+
+
+async def event(request: web.Request) -> web.Response:
+    event_id = events.parse_event_id(request.match_info["event_id"])
+    return web.json_response(await events.one_event(request.app[DATABASE], event_id))
+
+
+async def asyncapi(_: web.Request) -> web.FileResponse:
+    return web.FileResponse(ASYNCAPI_PATH, headers={"Content-Type": "application/json"})
+
+
 async def openapi(_: web.Request) -> web.FileResponse:
     return web.FileResponse(OPENAPI_PATH, headers={"Content-Type": "application/json"})
 
@@ -160,7 +176,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/reconciliations", request_reconciliation)
     app.router.add_get("/api/reconciliations", reconciliation_runs)
     app.router.add_get("/api/reconciliations/{run_id}", reconciliation_run)
+    app.router.add_get("/api/events", event_page)
+    app.router.add_get("/api/events/{event_id}", event)
     app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_get("/api/asyncapi.json", asyncapi)
     app.router.add_get("/api/docs", docs)
     app.router.add_get("/api/docs/initializer.js", docs_script)
     app.router.add_static("/api/docs/static", SWAGGER_UI_STATIC)

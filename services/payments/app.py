@@ -4,8 +4,10 @@ from aiohttp import web
 
 from libs.common.broker.topology import Topology
 from libs.common.messages import PaymentRequested
+from libs.common.outbox import OutboxRelay, relay_context
 from libs.common.settings import PaymentsSettings
 from libs.common.web import (
+    BROKER,
     DATABASE,
     PROVIDER,
     broker_context,
@@ -19,6 +21,16 @@ from services.payments.charging import PaymentIntake
 
 def _intake(app: web.Application) -> PaymentIntake:
     return PaymentIntake(app[DATABASE], app[PROVIDER])
+
+
+def _relay(app: web.Application, settings: PaymentsSettings) -> OutboxRelay:
+    return OutboxRelay(
+        app[DATABASE],
+        app[BROKER],
+        batch_size=settings.outbox_batch_size,
+        poll_interval=settings.outbox_poll_interval_seconds,
+        retention_days=settings.event_retention_days,
+    )
 
 
 def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) -> web.Application:
@@ -35,4 +47,8 @@ def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) 
             make_batch_handler=lambda app: _intake(app).handle_batch,
         )
     )
+    # Every replica runs the relay of payment events; one at a time relays (see
+    # libs/common/outbox.py). After the consumer, so it stops first: no event is lost
+    # by stopping, since what is not marked published goes out on the next round.
+    app.cleanup_ctx.append(relay_context(lambda app: _relay(app, settings)))
     return app

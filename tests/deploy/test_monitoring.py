@@ -351,6 +351,27 @@ RULE_TESTS = [
 ]
 
 
+RULE_TESTS += [
+    # Events waiting longer than 2 minutes, seen by one replica of two.
+    _rule_test(
+        {
+            'payment_events_outbox_oldest_unsent_age_seconds{instance="a"}': "0 0 100+60x20",
+            'payment_events_outbox_oldest_unsent_age_seconds{instance="b"}': "0x22",
+        },
+        "10m",
+        "PaymentEventsStuck",
+        [{"severity": "warning"}],
+    ),
+    # A backlog that drains within a minute or two never fires.
+    _rule_test(
+        {'payment_events_outbox_oldest_unsent_age_seconds{instance="a"}': "0 30 60 90 0x20"},
+        "10m",
+        "PaymentEventsStuck",
+        [],
+    ),
+]
+
+
 def test_alerts_fire_when_they_should_and_only_then(promtool: str, tmp_path: Path) -> None:
     # promtool compares annotations too; the rules without them keep expr, for and labels.
     groups = load_yaml(ALERTS_YML)["groups"]

@@ -28,7 +28,7 @@ SAFE_PRODUCTION = {
     "APP_ENV": "production",
     "DB_PASSWORD": "a-real-password",
     "RABBITMQ_URL": "amqp://payments:s3cret@rabbitmq:5672/",
-    "WEBHOOK_SECRET": "whsec_live_1",
+    "WEBHOOK_SECRET": "whsec_bGl2ZS1zZWNyZXQtb25l",
     "API_KEYS": "key-one,key-two",
 }
 

@@ -121,6 +121,9 @@ class Gateway:
         headers = {"Content-Type": "application/json", **headers}
         return (await self.request("POST", "/api/webhooks", data=body, headers=headers)).body
 
+    async def events(self, query: Mapping[str, str]) -> Any:
+        return (await self.request("GET", "/api/events", params=query)).body
+
     async def start_run(self) -> Any:
         return (await self.request("POST", "/api/reconciliations")).body
 

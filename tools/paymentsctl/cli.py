@@ -11,8 +11,10 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from libs.common.messages import payment_event_type
 from libs.common.settings import CtlSettings
-from tools.paymentsctl import commands, dlq
+from libs.common.states import PaymentStatus
+from tools.paymentsctl import commands, dlq, events
 from tools.paymentsctl.api import DEFAULT_TIMEOUT_SECONDS
 from tools.paymentsctl.commands import Context
 from tools.paymentsctl.errors import CtlError, Usage
@@ -20,11 +22,14 @@ from tools.paymentsctl.output import Output
 
 PROG = "paymentsctl"
 STATUSES = ("pending", "processing", "completed", "failed", "refunded")
+# Every status has its event, so a status added to the lifecycle is listed here at once.
+EVENT_TYPES = tuple(payment_event_type(status) for status in PaymentStatus)
 SCHEMES = ("seed", "standard", "both")
 
 DESCRIPTION = """\
 Operate the payments platform: pay, look payments up, read the stats, sign and send
-webhooks, run a reconciliation, and inspect or replay parked messages.
+webhooks, run a reconciliation, follow payment events, and inspect or replay parked
+messages.
 
 Configuration comes from the environment (PAYMENTS_URL, PAYMENTS_API_KEY, WEBHOOK_SECRET,
 RABBITMQ_URL); the options below override it. Options such as --json may be given
@@ -51,6 +56,12 @@ def _positive_float(raw: str) -> float:
 def _page_size(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number from 1 to 100")
+    return int(raw)
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of at least 1")
     return int(raw)
 
 
@@ -95,7 +106,9 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         " (WEBHOOK_SECRET)",
     )
     group.add_argument(
-        "--rabbitmq-url", default=default(None), help="the broker, for dlq (RABBITMQ_URL)"
+        "--rabbitmq-url",
+        default=default(None),
+        help="the broker, for dlq and events tail (RABBITMQ_URL)",
     )
     group.add_argument(
         "--http-timeout",
@@ -220,6 +233,52 @@ def build_parser() -> argparse.ArgumentParser:
         )
     sign.set_defaults(handler=commands.webhook_sign)
     send.set_defaults(handler=commands.webhook_send)
+
+    event_parser = command(subcommands, "events", "payment events: list the log, tail the bus")
+    event_commands = event_parser.add_subparsers(
+        dest="events_command", required=True, metavar="COMMAND"
+    )
+    event_list = command(event_commands, "list", "payment events, newest first (GET /api/events)")
+    event_list.add_argument("--type", choices=EVENT_TYPES)
+    event_list.add_argument("--payment", metavar="ID", help="only this payment's events")
+    event_list.add_argument(
+        "--created-from", metavar="TIME", help="ISO 8601 with an offset, inclusive"
+    )
+    event_list.add_argument(
+        "--created-to", metavar="TIME", help="ISO 8601 with an offset, exclusive"
+    )
+    event_list.add_argument(
+        "--limit", type=_page_size, metavar="N", help="page size, 1 to 100 (default 20)"
+    )
+    event_list.add_argument("--cursor", help="the next page's cursor, from the previous page")
+    event_list.add_argument(
+        "--all", action="store_true", help="follow the cursor through every page"
+    )
+    event_list.set_defaults(handler=events.events_list)
+    tail = command(
+        event_commands,
+        "tail",
+        "print payment events as they are published (RABBITMQ_URL)",
+        "Bind a temporary queue to the platform's exchange and print each payment event"
+        " as it arrives, one line each (one JSON object per line with --json), until"
+        " Ctrl-C, --count events or --timeout.",
+    )
+    tail.add_argument(
+        "--type",
+        choices=EVENT_TYPES,
+        action="append",
+        help="only this type (repeatable; default: every payment event)",
+    )
+    tail.add_argument(
+        "--count",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N events (exit 3 if fewer came)",
+    )
+    tail.add_argument(
+        "--timeout", type=_positive_float, metavar="SECONDS", help="stop after this long"
+    )
+    tail.set_defaults(handler=events.events_tail)
 
     reconcile = command(
         subcommands,

@@ -162,6 +162,37 @@ def payment_list(payments: Sequence[Mapping[str, Any]], next_cursor: str | None)
     return text
 
 
+# --- events -----------------------------------------------------------------------------------
+
+EVENT_COLUMNS = ["occurred", "type", "payment", "seq", "from", "source", "reason"]
+
+
+def event_row(event: Mapping[str, Any]) -> list[Any]:
+    payload = event.get("payload") or {}
+    return [
+        event.get("occurred_at"),
+        event.get("type"),
+        payload.get("payment_id"),
+        payload.get("sequence"),
+        payload.get("previous_status"),
+        payload.get("source"),
+        payload.get("reason"),
+    ]
+
+
+def event_list(events: Sequence[Mapping[str, Any]], next_cursor: str | None) -> str:
+    rows = [event_row(e) for e in events]
+    text = table(EVENT_COLUMNS, rows, right=[3]) if rows else "no events"
+    if next_cursor:
+        text += f"\n\nmore: --cursor {next_cursor}  (or --all)"
+    return text
+
+
+def event_line(event: Mapping[str, Any]) -> str:
+    """One event as it arrives (`events tail`): the list's columns on one line."""
+    return "  ".join(cell(value) for value in event_row(event))
+
+
 # --- stats ------------------------------------------------------------------------------------
 
 

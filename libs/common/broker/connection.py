@@ -81,13 +81,15 @@ class Broker:
         async with asyncio.timeout(within_seconds):
             await self._publish_channel.get_underlay_channel()
 
-    async def publish(self, envelope: Envelope[Any]) -> None:
-        """Publish an event to the platform's exchange, routed by its type."""
+    async def publish(self, envelope: Envelope[Any], *, unroutable_is_failure: bool = True) -> None:
+        """Publish a message to the platform's exchange, routed by its type."""
         if not self.is_connected:
             # Fail at once while reconnecting, rather than wait out the publish timeout.
             PUBLISH_FAILURES.labels(routing_key=envelope.type, reason="unavailable").inc()
             raise BrokerUnavailable(f"message to {envelope.type!r} not sent: broker disconnected")
-        await self.publisher.publish(envelope, exchange=self.topology.exchange)
+        await self.publisher.publish(
+            envelope, exchange=self.topology.exchange, unroutable_is_failure=unroutable_is_failure
+        )
 
     async def new_channel(self) -> AbstractRobustChannel:
         return await self.connection.channel()

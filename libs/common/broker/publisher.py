@@ -79,13 +79,28 @@ class Publisher:
         self._timeout = timeout
         self._exchanges: dict[str, AbstractExchange] = {}
 
-    async def publish(self, envelope: Envelope[Any], *, exchange: str) -> None:
+    async def publish(
+        self, envelope: Envelope[Any], *, exchange: str, unroutable_is_failure: bool = True
+    ) -> None:
         """Publish `envelope` under its own type as routing key."""
-        await self.publish_message(to_amqp(envelope), exchange=exchange, routing_key=envelope.type)
+        await self.publish_message(
+            to_amqp(envelope),
+            exchange=exchange,
+            routing_key=envelope.type,
+            unroutable_is_failure=unroutable_is_failure,
+        )
 
     async def publish_message(
-        self, message: aio_pika.Message, *, exchange: str, routing_key: str
+        self,
+        message: aio_pika.Message,
+        *,
+        exchange: str,
+        routing_key: str,
+        unroutable_is_failure: bool = True,
     ) -> None:
+        """Publish, confirmed, or raise. An event nobody subscribed to comes back
+        unroutable too; its publisher passes `unroutable_is_failure=False` so that it is
+        not counted as a failure (it still raises MessageUnroutable)."""
         try:
             async with asyncio.timeout(self._timeout):
                 target = await self._exchange(exchange)
@@ -93,6 +108,8 @@ class Publisher:
         except TimeoutError as exc:
             raise self._failed(PublishTimeout, routing_key, "no confirm in time") from exc
         except aio_pika.exceptions.PublishError as exc:
+            if not unroutable_is_failure:
+                raise MessageUnroutable(f"no queue bound for {routing_key!r}") from exc
             raise self._failed(MessageUnroutable, routing_key, "no queue bound") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise self._failed(MessageNacked, routing_key, "broker refused it") from exc
