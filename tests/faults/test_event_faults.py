@@ -43,12 +43,9 @@ from tests.faults.harness import (
     restart_rabbitmq,
     services_saw_database_errors,
 )
-from tests.faults.test_faults import fault_table, rabbitmq_url
 from tests.support import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(170)]
-# The fault suite's fixtures: a vhost per case, and the session's table of cases.
-__all__ = ["fault_table", "rabbitmq_url"]
 
 SUBSCRIBER_QUEUE = "faults.payment-events"
 RELAY_DOWN_SECONDS = 1.5

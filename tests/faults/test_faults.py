@@ -21,13 +21,11 @@ import pytest
 
 from tests.faults.harness import (
     CONSUMERS,
-    RESULTS,
     SERVICES,
     FaultContext,
     clients_saw_503,
     ensure_postgres_running,
     ensure_rabbitmq_running,
-    markdown_table,
     postgres_paused,
     reconciliation_in_progress,
     restart_postgres,
@@ -36,7 +34,6 @@ from tests.faults.harness import (
     services_saw_database_errors,
     url_via,
 )
-from tests.support import fresh_vhost
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(170)]
@@ -53,39 +50,6 @@ POSTGRES_PAUSE_SECONDS = 5.0
 # its webhooks, so that runs have work to do when the fault hits one mid-run.
 RECONCILE_EVERY_SECONDS = 0.5
 RECONCILER_AT_WORK = {"PROVIDER_WEBHOOK_DROP_RATE": "0.3"}
-
-
-class FaultTable:
-    """Prints every case's row once the session ends, and keeps them in results.md."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        if not RESULTS:
-            return
-        terminalreporter.write_sep("=", "fault injection")
-        for line in markdown_table(RESULTS).splitlines():
-            terminalreporter.write_line(line)
-        terminalreporter.write_line(f"(also in {self.path})")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fault_table(
-    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    path = tmp_path_factory.mktemp("faults", numbered=False) / "results.md"
-    if not pytestconfig.pluginmanager.has_plugin("fault-table"):
-        pytestconfig.pluginmanager.register(FaultTable(path), "fault-table")
-    yield
-    path.write_text(markdown_table(RESULTS))
-
-
-@pytest.fixture
-def rabbitmq_url() -> Iterator[str]:
-    """A vhost per case: nothing an earlier case left in a queue reaches this one."""
-    with fresh_vhost() as url:
-        yield url
 
 
 @pytest.fixture
