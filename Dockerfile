@@ -7,6 +7,8 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY libs ./libs
 COPY services ./services
+# paymentsctl's code: the entry point alone would fail on `import tools`.
+COPY tools ./tools
 # Pinned by constraints.txt, so the image holds exactly what CI tested.
 RUN python -m venv /venv \
     && /venv/bin/pip install --no-cache-dir -c constraints.txt .
@@ -22,7 +24,8 @@ COPY --from=build /venv /venv
 COPY alembic.ini ./
 COPY migrations ./migrations
 USER 10001
-EXPOSE 3000
+# No EXPOSE: one image serves five services, each on its own PORT; the compose file
+# declares each service's port with `expose:`.
 # Every service answers /health on its PORT; no curl in a slim image, so Python asks.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '3000') + '/health', timeout=2)"]

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: install lock migrate run test lint bench clean
+.PHONY: install lock migrate run test compose-test system-packages lint bench clean
 
 install: $(VENV)/.installed
 
@@ -33,12 +33,20 @@ run: install
 # services/gateway/asyncapi.json; installed without running any package's scripts.
 ASYNCAPI_PARSER := tests/asyncapi/node_modules/.installed
 
-$(ASYNCAPI_PARSER): tests/asyncapi/package.json tests/asyncapi/package-lock.json
+$(ASYNCAPI_PARSER): tests/asyncapi/package.json tests/asyncapi/package-lock.json | system-packages
 	npm ci --prefix tests/asyncapi --ignore-scripts --no-audit --no-fund
 	touch $@
 
-test: install $(ASYNCAPI_PARSER)
+# Installs (as root) the Debian packages the suites need, or names the missing ones.
+system-packages:
+	scripts/system-packages.sh
+
+test: install system-packages $(ASYNCAPI_PARSER)
 	$(BIN)/pytest
+
+# The compose suite alone (tests/compose): its own dockerd, stand-in images, the stack.
+compose-test: install system-packages
+	$(BIN)/pytest tests/compose
 
 lint: install
 	$(BIN)/ruff check .

@@ -181,6 +181,8 @@ class GatewaySettings(DatabaseSettings, BrokerSettings, WebhookSigningSettings):
     rate_limit: str = "100/second"
     # Webhook requests with a bad signature, per client address; past it, 429.
     webhook_failure_limit: str = "20/minute"
+    # One JSON line per request at INFO (method, route, status, duration, client).
+    access_log: bool = True
 
     _split_keys = field_validator("api_keys", mode="before")(_split_commas)
 

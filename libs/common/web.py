@@ -47,6 +47,8 @@ from libs.common.settings import (
 from libs.common.shutdown import bounded, stop_task
 
 log = logging.getLogger(__name__)
+# One line per request (ACCESS_LOG): its own logger, so it can be filtered apart.
+access_log = logging.getLogger("access")
 
 DATABASE = web.AppKey("database", Database)
 BROKER = web.AppKey("broker", Broker)
@@ -54,6 +56,8 @@ PROVIDER = web.AppKey("provider", ProviderClient)
 # The bound on each resource's stop: SHUTDOWN_TIMEOUT_SECONDS of the settings the pool and
 # broker contexts are built with (every service has one), read by every cleanup context.
 SHUTDOWN_TIMEOUT = web.AppKey("shutdown_timeout", float)
+# Whether this app writes an access line per request (the gateway's ACCESS_LOG).
+ACCESS_LOG = web.AppKey("access_log", bool)
 
 _CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 READY_TIMEOUT_SECONDS = 2.0
@@ -86,11 +90,24 @@ async def observe_requests(
             response.headers[CORRELATION_HEADER] = cid
             return response
         finally:
+            elapsed = time.perf_counter() - started
             route = _route_label(request)
             HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
-            HTTP_REQUEST_DURATION.labels(route=route, method=request.method).observe(
-                time.perf_counter() - started
-            )
+            HTTP_REQUEST_DURATION.labels(route=route, method=request.method).observe(elapsed)
+            if request.app[ACCESS_LOG] and access_log.isEnabledFor(logging.INFO):
+                # What was asked and answered, never a header or a body (secrets live there);
+                # the correlation id comes with the line (the filter adds it).
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": request.method,
+                        "route": route,
+                        "path": request.path,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "client": request.remote,
+                    },
+                )
 
 
 async def _answer_in_json(
@@ -209,6 +226,7 @@ async def metrics(_: web.Request) -> web.Response:
 
 def create_service_app() -> web.Application:
     app = web.Application(middlewares=[observe_requests], client_max_size=1024**2)
+    app[ACCESS_LOG] = False
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -10,6 +10,7 @@ from aiohttp import web
 from libs.common.broker.topology import Topology
 from libs.common.settings import GatewaySettings
 from libs.common.web import (
+    ACCESS_LOG,
     DATABASE,
     background_context,
     broker_context,
@@ -33,6 +34,7 @@ def create_app(settings: GatewaySettings, *, topology: Topology | None = None) -
     """`topology` lets tests isolate their queues; services use the default."""
     app = create_service_app()
     app[GATEWAY_SETTINGS] = settings
+    app[ACCESS_LOG] = settings.access_log
     app.cleanup_ctx.append(database_context(settings))
     app.cleanup_ctx.append(broker_context(settings, name="gateway", topology=topology))
     app.cleanup_ctx.append(_idempotency_keys)

@@ -82,8 +82,9 @@ async def receive_webhook(
         )
     )
     # Asked before publishing: once the broker has this copy, the webhooks service may
-    # store it at any moment, and this very copy would then be reported as a duplicate.
-    duplicate = await webhooks_store.is_stored(db, event.id)
+    # store it at any moment, and this very copy would then be reported as stored before.
+    # Only `true` is certain; the webhooks service deduplicates every copy either way.
+    already_stored = await webhooks_store.is_stored(db, event.id)
     try:
         await publish(envelope)
     except PublishError as exc:
@@ -96,7 +97,7 @@ async def receive_webhook(
         "verified": True,
         "scheme": scheme.value,
         "event_id": str(event.id),
-        "duplicate": duplicate,
+        "already_stored": already_stored,
     }
 
 

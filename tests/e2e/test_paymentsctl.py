@@ -166,7 +166,7 @@ async def test_payments_webhooks_and_reconciliation_through_the_cli(stack: Stack
     receipt = (await ctl.ok("webhook", "send", "payload.json", "--json")).json()
     assert receipt["received"] is True
     assert receipt["scheme"] == "standard"
-    assert receipt["duplicate"] is False
+    assert receipt["already_stored"] is False
     await eventually(lambda: _is(status, "completed"), within=15, interval=0.2)
     resent = await ctl.ok("webhook", "send", "payload.json", "--scheme", "seed")
     assert receipt["event_id"] in resent.stdout

@@ -52,17 +52,26 @@ def run_block(block: str, stack: Stack, workdir: Path) -> subprocess.CompletedPr
     )
 
 
+def provider_hold(block: str) -> str:
+    """The PROVIDER_WEBHOOK_DELAY_MS README's first block starts the provider with."""
+    found = re.fullmatch(r"PROVIDER_WEBHOOK_DELAY_MS=(\d+) docker compose up -d provider\n", block)
+    assert found, f"README's first walkthrough block changed: {block!r}"
+    return found.group(1)
+
+
 def last_json(output: str) -> Any:
     return json.loads(output.strip().splitlines()[-1])
 
 
 async def test_every_walkthrough_command_works_as_documented(stack: Stack, tmp_path: Path) -> None:
     blocks = walkthrough_blocks()
-    assert len(blocks) == 5, "README's walkthrough changed: update this test's expectations"
-    pay, stats, payload, sign_and_send, with_paymentsctl = blocks
+    assert len(blocks) == 6, "README's walkthrough changed: update this test's expectations"
+    hold, pay, stats, payload, sign_and_send, with_paymentsctl = blocks
 
-    # The provider settles slowly, so the walkthrough's own webhook completes the payment.
-    await stack.start("provider", PROVIDER_WEBHOOK_DELAY_MS="600000")
+    # The first block has the provider hold charges (with compose); here the same setting
+    # is given to the provider process, so the walkthrough's own webhook completes it.
+    delay = provider_hold(hold)
+    await stack.start("provider", PROVIDER_WEBHOOK_DELAY_MS=delay)
     for name in ("payments", "webhooks", "reconciler"):
         await stack.start(name)
     gateway = await stack.start("gateway")

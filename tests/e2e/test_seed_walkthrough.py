@@ -57,7 +57,7 @@ async def test_the_seed_walkthrough_works_verbatim(stack: Stack, tmp_path: Path)
         assert status == 202
         receipt = json_body(printed)
         assert receipt["received"] is True
-        assert receipt["duplicate"] is False
+        assert receipt["already_stored"] is False
 
         async def completed() -> bool:
             return await payment_status() == "completed"
@@ -73,7 +73,7 @@ async def test_the_seed_walkthrough_works_verbatim(stack: Stack, tmp_path: Path)
         status, printed = shell(SIGN_AND_SEND, stack.gateway_port, workdir)
         assert status == 202
         again = json_body(printed)
-        assert again["duplicate"] is True
+        assert again["already_stored"] is True
         assert again["event_id"] == receipt["event_id"]
 
         async def counted_as_duplicate() -> bool:

@@ -46,7 +46,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -304,9 +304,13 @@ def _db_unavailable(exc: BaseException) -> bool:
 class Checker:
     """Reads the database and the broker, riding out their outages."""
 
-    def __init__(self, database_url: str, rabbitmq_url: str) -> None:
+    def __init__(
+        self, database_url: str, rabbitmq_url: str, *, rabbitmqctl: Sequence[str] = ("rabbitmqctl",)
+    ) -> None:
         self.database_url = database_url
         self.rabbitmq_url = rabbitmq_url
+        # How to reach the broker's rabbitmqctl (a container's: `docker exec … rabbitmqctl`).
+        self.rabbitmqctl = tuple(rabbitmqctl)
         self.vhost = unquote(urlsplit(rabbitmq_url).path.lstrip("/")) or "/"
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
@@ -364,7 +368,7 @@ class Checker:
         def list_queues() -> str:
             return subprocess.run(
                 [
-                    "rabbitmqctl",
+                    *self.rabbitmqctl,
                     "--quiet",
                     "list_queues",
                     "-p",

@@ -73,7 +73,7 @@ async def test_seed_signature_over_the_exact_file_is_accepted(
     assert answer.status == 202
     assert answer.body["received"] is True
     assert answer.body["scheme"] == "seed"
-    assert answer.body["duplicate"] is False
+    assert answer.body["already_stored"] is False
     [event] = await published(broker)
     assert event.raw_body == body
     assert event.signature_scheme == "seed"
@@ -241,4 +241,4 @@ async def test_a_first_copy_stored_as_soon_as_published_is_not_called_a_duplicat
         db=db,
     )
     assert answer["event_id"] == str(event_id)
-    assert answer["duplicate"] is False
+    assert answer["already_stored"] is False

@@ -711,13 +711,13 @@ def test_webhook_send_posts_the_exact_bytes_signed(gateway: FakeGateway, payload
         "verified": True,
         "scheme": "standard",
         "event_id": "36c63b86-d139-56e4-9a17-ea54c959f844",
-        "duplicate": False,
+        "already_stored": False,
     }
     gateway.answer("POST", "/api/webhooks", 202, receipt)
     result = ctl("--url", gateway.url, "webhook", "send", str(payload))
     assert result.code == 0
-    assert "event id:  36c63b86-d139-56e4-9a17-ea54c959f844" in result.stdout
-    assert "duplicate: no" in result.stdout
+    assert "event id:       36c63b86-d139-56e4-9a17-ea54c959f844" in result.stdout
+    assert "already stored: no" in result.stdout
     sent = gateway.received[0]
     assert sent.body == PAYLOAD
     assert sent.headers["Content-Type"] == "application/json"

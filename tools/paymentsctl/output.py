@@ -247,7 +247,7 @@ def receipt(body: Mapping[str, Any]) -> str:
             ("verified", body.get("verified")),
             ("scheme", body.get("scheme")),
             ("event id", body.get("event_id")),
-            ("duplicate", body.get("duplicate")),
+            ("already stored", body.get("already_stored")),
         ]
     )
 
