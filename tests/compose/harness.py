@@ -236,8 +236,16 @@ class Dockerd:
         self.data_root.mkdir(parents=True)
         (self.state_dir / "owner").write_text(str(os.getpid()))
         self.exec_root.mkdir(parents=True)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
+        with self.log_path.open("wb") as log:  # the daemon holds its own copy
+            self.process = self._spawn(log)
+        deadline = time.monotonic() + within
+        while run([DOCKER, "version"], env=self.env, check=False, timeout=10).returncode:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd did not start:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 DOCKERD,
                 f"--data-root={self.data_root}",
@@ -256,11 +264,6 @@ class Dockerd:
             env=_base_env(),
             start_new_session=True,
         )
-        deadline = time.monotonic() + within
-        while run([DOCKER, "version"], env=self.env, check=False, timeout=10).returncode:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dockerd did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
 
     def docker(
         self, *args: str, timeout: float = 120, check: bool = True, input: bytes | None = None
