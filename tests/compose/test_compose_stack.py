@@ -489,7 +489,14 @@ async def test_docker_kill_of_each_consumer_under_load_loses_and_doubles_nothing
         checker = Checker(
             db,
             broker,
-            rabbitmqctl=[harness.DOCKER, "exec", killed.containers("rabbitmq")[0], "rabbitmqctl"],
+            rabbitmqctl=[
+                "env",
+                f"DOCKER_HOST=unix://{dockerd.socket}",
+                harness.DOCKER,
+                "exec",
+                killed.containers("rabbitmq")[0],
+                "rabbitmqctl",
+            ],
         )
         gateway = f"http://127.0.0.1:{ports['GATEWAY_HOST_PORT']}"
         platform = ComposePlatform(killed)
