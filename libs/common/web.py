@@ -31,7 +31,12 @@ from libs.common.db import Database, is_transient
 from libs.common.errors import ApiError as ApiError  # re-exported for route modules
 from libs.common.errors import service_unavailable
 from libs.common.json_body import JsonError, check_json, parse_object
-from libs.common.logs import CORRELATION_HEADER, configure_logging, correlation_scope
+from libs.common.logs import (
+    ACCESS_LOGGER,
+    CORRELATION_HEADER,
+    configure_logging,
+    correlation_scope,
+)
 from libs.common.messages import P
 from libs.common.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 from libs.common.provider_client import ProviderClient
@@ -47,8 +52,8 @@ from libs.common.settings import (
 from libs.common.shutdown import bounded, stop_task
 
 log = logging.getLogger(__name__)
-# One line per request (ACCESS_LOG): its own logger, so it can be filtered apart.
-access_log = logging.getLogger("access")
+# One line per request (ACCESS_LOG), with a formatter of its own (see logs.py).
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 DATABASE = web.AppKey("database", Database)
 BROKER = web.AppKey("broker", Broker)
@@ -100,12 +105,14 @@ async def observe_requests(
                 access_log.info(
                     "request",
                     extra={
-                        "method": request.method,
-                        "route": route,
-                        "path": request.path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "client": request.remote,
+                        "access": {
+                            "method": request.method,
+                            "route": route,
+                            "path": request.path,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                            "client": request.remote,
+                        }
                     },
                 )
 
