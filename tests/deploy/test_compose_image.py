@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.deploy.test_compose import DESIGN_PORTS, DOCKERFILE, ROOT, SERVICES
+from tests.deploy.test_compose import DEFAULT_PORTS, DOCKERFILE, ROOT, SERVICES
 
 
 def test_rabbitmq_keeps_its_node_name_across_recreated_containers() -> None:
@@ -16,9 +16,9 @@ def test_rabbitmq_keeps_its_node_name_across_recreated_containers() -> None:
     assert SERVICES["rabbitmq"].get("hostname"), "rabbitmq needs a fixed hostname"
 
 
-@pytest.mark.parametrize("name", list(DESIGN_PORTS))
+@pytest.mark.parametrize("name", list(DEFAULT_PORTS))
 def test_each_service_exposes_the_port_it_serves(name: str) -> None:
-    assert SERVICES[name].get("expose") == [str(DESIGN_PORTS[name])]
+    assert SERVICES[name].get("expose") == [str(DEFAULT_PORTS[name])]
 
 
 def test_the_shared_image_exposes_no_port_of_its_own() -> None:
