@@ -170,7 +170,7 @@ async def test_payments_webhooks_and_reconciliation_through_the_cli(stack: Stack
     await eventually(lambda: _is(status, "completed"), within=15, interval=0.2)
     resent = await ctl.ok("webhook", "send", "payload.json", "--scheme", "seed")
     assert receipt["event_id"] in resent.stdout
-    assert "duplicate: yes" in resent.stdout
+    assert "already stored: yes" in resent.stdout
 
     run = await ctl.ok("reconcile")
     assert "status:    completed" in run.stdout
