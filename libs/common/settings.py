@@ -44,6 +44,11 @@ def _split_commas(value: object) -> object:
 CommaList = Annotated[list[SecretStr], NoDecode]
 
 
+def _split_urls(value: str) -> list[str]:
+    """`amqp://a/,amqp://b/` as its URLs; a comma inside a password is written `%2C`."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class BaseServiceSettings(BaseSettings):
     """What every service reads."""
 
@@ -128,16 +133,29 @@ class BrokerSettings(BaseServiceSettings):
     @field_validator("rabbitmq_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        urls = _split_urls(value.get_secret_value())
+        if not urls:
             raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    "must look like amqp://user:password@host:5672/vhost"
+                    " (or several such URLs, comma-separated, one per cluster node)"
+                )
         return value
+
+    def rabbitmq_node_urls(self) -> list[str]:
+        """The broker's nodes, in the order given: one URL, or one per cluster node."""
+        return _split_urls(self.rabbitmq_url.get_secret_value())
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
-        parts = urlsplit(self.rabbitmq_url.get_secret_value())
-        if (parts.username, parts.password) in (("guest", "guest"), (None, None)):
-            problems.append("RABBITMQ_URL uses the default guest credentials")
+        for url in self.rabbitmq_node_urls():
+            parts = urlsplit(url)
+            if (parts.username, parts.password) in (("guest", "guest"), (None, None)):
+                problems.append("RABBITMQ_URL uses the default guest credentials")
+                break
         return problems
 
 

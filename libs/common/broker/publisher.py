@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import aio_pika
@@ -17,7 +18,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from libs.common.messages import Envelope, encode
-from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_FAILURES
+from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_DURATION, PUBLISH_FAILURES
 
 
 class PublishError(Exception):
@@ -101,6 +102,9 @@ class Publisher:
         """Publish, confirmed, or raise. An event nobody subscribed to comes back
         unroutable too; its publisher passes `unroutable_is_failure=False` so that it is
         not counted as a failure (it still raises MessageUnroutable)."""
+        # Every attempt is timed, confirmed or not: on a cluster losing a node, the
+        # confirm latency is what clients feel.
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 target = await self._exchange(exchange)
@@ -120,6 +124,8 @@ class Publisher:
             OSError,
         ) as exc:
             raise self._failed(BrokerUnavailable, routing_key, repr(exc)) from exc
+        finally:
+            PUBLISH_DURATION.labels(routing_key=routing_key).observe(time.perf_counter() - started)
         MESSAGES_PUBLISHED.labels(routing_key=routing_key).inc()
 
     async def _exchange(self, name: str) -> AbstractExchange:
