@@ -46,7 +46,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -304,9 +304,13 @@ def _db_unavailable(exc: BaseException) -> bool:
 class Checker:
     """Reads the database and the broker, riding out their outages."""
 
-    def __init__(self, database_url: str, rabbitmq_url: str) -> None:
+    def __init__(
+        self, database_url: str, rabbitmq_url: str, *, rabbitmqctl: Sequence[str] = ("rabbitmqctl",)
+    ) -> None:
         self.database_url = database_url
         self.rabbitmq_url = rabbitmq_url
+        # How to reach the broker's CLI (a cluster's node and cookie, say).
+        self.rabbitmqctl = tuple(rabbitmqctl)
         self.vhost = unquote(urlsplit(rabbitmq_url).path.lstrip("/")) or "/"
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
@@ -364,7 +368,7 @@ class Checker:
         def list_queues() -> str:
             return subprocess.run(
                 [
-                    "rabbitmqctl",
+                    *self.rabbitmqctl,
                     "--quiet",
                     "list_queues",
                     "-p",
@@ -438,6 +442,8 @@ class Load:
         self.webhooks_answered = 0
         self.webhook_events: set[str] = set()
         self.webhooks_refused: list[str] = []
+        # 503s that did not say when to retry (README promises Retry-After on each).
+        self.unavailable_without_retry_after = 0
         self.reconciliations_requested = 0
         self.reconciliation_runs: list[str] = []
         self.recovery_seconds: float | None = None
@@ -527,6 +533,8 @@ class Load:
                     timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS),
                 ) as response:
                     self.answers[str(response.status)] += 1
+                    if response.status == 503 and "Retry-After" not in response.headers:
+                        self.unavailable_without_retry_after += 1
                     answer = await response.json(content_type=None)
                     if 200 <= response.status < 300:
                         return {**answer, "_attempts": attempts}
@@ -780,6 +788,8 @@ async def inspect(
     errors = {k: n for k, n in load.answers.items() if k.isdigit() and int(k) >= 500 and k != "503"}
     if errors:
         problems.append(f"the gateway answered server errors other than 503: {errors}")
+    if load.unavailable_without_retry_after:
+        problems.append(f"{load.unavailable_without_retry_after} answers 503 without Retry-After")
 
     # Payments: the one each 2xx named, and one per key at most.
     payments = await checker.fetch(
@@ -976,13 +986,15 @@ async def run_case(
     env: dict[str, str] | None = None,
     reconcile_every: float | None = None,
     observed: Callable[[FaultContext], str | None] | None = None,
+    load_seconds: float = LOAD_SECONDS,
+    rabbitmqctl: Sequence[str] = ("rabbitmqctl",),
 ) -> FaultRow:
     """Start the platform, load it, inject the fault mid-load, settle, check, record.
 
     `observed` says what is wrong if the fault never reached the platform (a case that
     passes because nothing happened proves nothing).
     """
-    checker = Checker(database_url, rabbitmq_url)
+    checker = Checker(database_url, rabbitmq_url, rabbitmqctl=rabbitmqctl)
     try:
         with running_services(tmp_path) as services:
             stack = Stack(database_url, services_rabbitmq_url or rabbitmq_url, tmp_path, services)
@@ -991,7 +1003,7 @@ async def run_case(
             async with aiohttp.ClientSession() as http:
                 load = Load(http, platform.gateway.url, checker, reconcile_every=reconcile_every)
                 ctx = FaultContext(platform, load)
-                load.start()
+                load.start(load_seconds)
                 await asyncio.sleep(FAULT_AT_SECONDS)
                 ctx.began()
                 await inject(ctx)

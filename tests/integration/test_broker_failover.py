@@ -114,3 +114,21 @@ async def test_one_url_still_waits_for_its_one_node(
         await broker.publish(payment_requested())
     finally:
         await broker.close()
+
+
+async def test_a_nack_renews_the_publishing_channel(broker: Broker) -> None:
+    """After a nack the publisher moves to a new channel, and publishing goes on."""
+    channel = broker._publish_channel  # noqa: SLF001 - the channel under test
+    before = await channel.get_underlay_channel()
+    broker.publisher._renew_channel()  # noqa: SLF001 - what a nack triggers
+
+    async def renewed() -> bool:
+        if channel.is_closed:
+            return False
+        return await channel.get_underlay_channel() is not before
+
+    await eventually(renewed, within=10)
+    assert before.is_closed
+    assert broker.publisher.renewals == 1
+    await broker.publish(payment_requested())
+    await get_one(broker, broker.topology.payment_requested.name)

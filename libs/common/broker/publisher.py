@@ -75,10 +75,16 @@ def republishable(message: AbstractIncomingMessage, headers: dict[str, Any]) -> 
 class Publisher:
     """Publishes to named exchanges over one confirm-mode channel."""
 
+    # A channel is renewed at most this often, however many nacks come meanwhile.
+    RENEW_AFTER_NACK_SECONDS = 1.0
+
     def __init__(self, channel: AbstractChannel, *, timeout: float) -> None:
         self._channel = channel
         self._timeout = timeout
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -self.RENEW_AFTER_NACK_SECONDS
+        self.renewals = 0
 
     async def publish(
         self, envelope: Envelope[Any], *, exchange: str, unroutable_is_failure: bool = True
@@ -116,6 +122,7 @@ class Publisher:
                 raise MessageUnroutable(f"no queue bound for {routing_key!r}") from exc
             raise self._failed(MessageUnroutable, routing_key, "no queue bound") from exc
         except aio_pika.exceptions.DeliveryError as exc:
+            self._renew_channel()
             raise self._failed(MessageNacked, routing_key, "broker refused it") from exc
         except (
             aiormq.exceptions.AMQPError,
@@ -127,6 +134,33 @@ class Publisher:
         finally:
             PUBLISH_DURATION.labels(routing_key=routing_key).observe(time.perf_counter() - started)
         MESSAGES_PUBLISHED.labels(routing_key=routing_key).inc()
+
+    def _renew_channel(self) -> None:
+        """After a nack, publish over a new channel from now on (in the background).
+
+        A nack says the broker could not take the message. On a cluster it can also be
+        the channel's own stale view of a quorum queue: a channel that first published
+        to a queue while the queue's leader node was down keeps asking that node, and
+        keeps nacking, until it is back (RabbitMQ 3.10's quorum queue client). A new
+        channel starts from the queue's current leader. Closing the AMQP channel under
+        the robust one makes aio-pika open a new one in its place, as after any loss.
+        """
+        now = time.monotonic()
+        if self._renewing is not None or now - self._renewed_at < self.RENEW_AFTER_NACK_SECONDS:
+            return
+        self._renewed_at = now
+        self.renewals += 1
+        self._renewing = asyncio.create_task(self._close_underlay(), name="renew channel")
+
+    async def _close_underlay(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                underlay = await self._channel.get_underlay_channel()
+                await underlay.close()
+        except (aiormq.exceptions.AMQPError, RuntimeError, OSError, TimeoutError):
+            pass  # the connection is going anyway: it brings a new channel when back
+        finally:
+            self._renewing = None
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
