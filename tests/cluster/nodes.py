@@ -198,9 +198,10 @@ class LocalCluster:
             await asyncio.to_thread(node.process.wait, STOP_WITHIN_SECONDS)
 
     async def close(self) -> None:
+        """Kill every node and remove their data; the logs stay (in a pytest tmp dir)."""
         for node in self.nodes:
             self.kill(node)
-        shutil.rmtree(self.root, ignore_errors=True)
+            shutil.rmtree(node.home / "mnesia", ignore_errors=True)
 
     def log_tail(self, node: Node, lines: int = 40) -> str:
         logs = sorted(node.home.glob("server.*.log")) + sorted((node.home / "log").glob("*.log"))
