@@ -118,9 +118,9 @@ async def test_one_url_still_waits_for_its_one_node(
 
 async def test_a_nack_renews_the_publishing_channel(broker: Broker) -> None:
     """After a nack the publisher moves to a new channel, and publishing goes on."""
-    channel = broker._publish_channel  # noqa: SLF001 - the channel under test
+    channel = broker._publish_channel
     before = await channel.get_underlay_channel()
-    broker.publisher._renew_channel()  # noqa: SLF001 - what a nack triggers
+    broker.publisher._renew_channel()
 
     async def renewed() -> bool:
         if channel.is_closed:
