@@ -75,15 +75,16 @@ def republishable(message: AbstractIncomingMessage, headers: dict[str, Any]) -> 
 class Publisher:
     """Publishes to named exchanges over one confirm-mode channel."""
 
-    # A channel is renewed at most this often, however many nacks come meanwhile.
-    RENEW_AFTER_NACK_SECONDS = 1.0
+    # A channel is renewed at most this often, however many failures come meanwhile.
+    RENEW_AT_MOST_EVERY_SECONDS = 1.0
 
     def __init__(self, channel: AbstractChannel, *, timeout: float) -> None:
         self._channel = channel
         self._timeout = timeout
         self._exchanges: dict[str, AbstractExchange] = {}
         self._renewing: asyncio.Task[None] | None = None
-        self._renewed_at = -self.RENEW_AFTER_NACK_SECONDS
+        self._renewed_at = -self.RENEW_AT_MOST_EVERY_SECONDS
+        self._confirmed_at = 0.0
         self.renewals = 0
 
     async def publish(
@@ -116,6 +117,10 @@ class Publisher:
                 target = await self._exchange(exchange)
                 await target.publish(message, routing_key, mandatory=True)
         except TimeoutError as exc:
+            if self._confirmed_at < started:
+                # Nothing was confirmed on this channel while this one waited: the
+                # channel, not the broker, may be what is stuck (see _renew_channel).
+                self._renew_channel()
             raise self._failed(PublishTimeout, routing_key, "no confirm in time") from exc
         except aio_pika.exceptions.PublishError as exc:
             if not unroutable_is_failure:
@@ -133,20 +138,24 @@ class Publisher:
             raise self._failed(BrokerUnavailable, routing_key, repr(exc)) from exc
         finally:
             PUBLISH_DURATION.labels(routing_key=routing_key).observe(time.perf_counter() - started)
+        self._confirmed_at = time.perf_counter()
         MESSAGES_PUBLISHED.labels(routing_key=routing_key).inc()
 
     def _renew_channel(self) -> None:
-        """After a nack, publish over a new channel from now on (in the background).
+        """After a nack, or a timeout while nothing else was confirmed, publish over a
+        new channel from now on (the switch happens in the background).
 
         A nack says the broker could not take the message. On a cluster it can also be
         the channel's own stale view of a quorum queue: a channel that first published
         to a queue while the queue's leader node was down keeps asking that node, and
-        keeps nacking, until it is back (RabbitMQ 3.10's quorum queue client). A new
-        channel starts from the queue's current leader. Closing the AMQP channel under
-        the robust one makes aio-pika open a new one in its place, as after any loss.
+        keeps nacking, until it is back (RabbitMQ 3.10's quorum queue client); commands
+        sent to a leader that has just stopped wait for a resend instead. A new channel
+        starts from the queue's current leader. Closing the AMQP channel under the
+        robust one makes aio-pika open a new one in its place, as after any loss;
+        publishes still waiting on the old one fail, and their clients retry.
         """
         now = time.monotonic()
-        if self._renewing is not None or now - self._renewed_at < self.RENEW_AFTER_NACK_SECONDS:
+        if self._renewing is not None or now - self._renewed_at < self.RENEW_AT_MOST_EVERY_SECONDS:
             return
         self._renewed_at = now
         self.renewals += 1
