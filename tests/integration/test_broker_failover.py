@@ -14,6 +14,7 @@ import pytest
 
 from libs.common.broker.connection import Broker
 from libs.common.broker.failover import FailoverConnection
+from libs.common.broker.publisher import PublishError
 from libs.common.broker.topology import Topology, delete
 from libs.common.settings import PaymentsSettings
 from tests.faults.harness import url_via
@@ -40,6 +41,15 @@ def settings_for(settings: PaymentsSettings, urls: list[str]) -> PaymentsSetting
             "rabbitmq_connect_timeout_seconds": 2.0,
         }
     )
+
+
+async def published(broker: Broker) -> bool:
+    """Whether a publish is confirmed now."""
+    try:
+        await broker.publish(payment_requested())
+    except PublishError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -79,15 +89,7 @@ async def test_losing_the_node_moves_publisher_and_consumer_to_the_next(
         [used] = [p for p in proxies if p.connections]
         [other] = [p for p in proxies if p is not used]
         await used.cut()  # and refuse: that node is gone until restored
-
-        async def published() -> bool:
-            try:
-                await broker.publish(payment_requested())
-            except Exception:  # noqa: BLE001 - still failing over
-                return False
-            return True
-
-        await eventually(published, within=20, interval=0.2)
+        await eventually(lambda: published(broker), within=20, interval=0.2)
         assert other.connections == 1
         assert used.connections == 0
         message = await get_one(broker, topology.payment_requested.name)
@@ -110,8 +112,9 @@ async def test_one_url_still_waits_for_its_one_node(
         await proxy.cut()
         await eventually(lambda: not broker.is_connected, within=5)
         proxy.restore()
-        await eventually(lambda: broker.is_connected, within=20, interval=0.2)
-        await broker.publish(payment_requested())
+        # Connected comes before the channels are restored: wait for a confirm.
+        await eventually(lambda: published(broker), within=20, interval=0.2)
+        assert proxy.connections == 1
     finally:
         await broker.close()
 
