@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from libs.common.messages import Envelope, encode
 from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_DURATION, PUBLISH_FAILURES
+
+log = logging.getLogger(__name__)
 
 
 class PublishError(Exception):
@@ -159,6 +162,7 @@ class Publisher:
             return
         self._renewed_at = now
         self.renewals += 1
+        log.warning("publishing over a new channel after a failed publish")
         self._renewing = asyncio.create_task(self._close_underlay(), name="renew channel")
 
     async def _close_underlay(self) -> None:
