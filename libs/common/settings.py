@@ -126,6 +126,9 @@ class BrokerSettings(BaseServiceSettings):
     rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
     rabbitmq_heartbeat_seconds: int = Field(default=30, ge=1)
     rabbitmq_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Between reconnect attempts (each to the next node of a cluster), and the least time
+    # between a connection made and the next attempt should it drop at once.
+    rabbitmq_reconnect_interval_seconds: float = Field(default=1.0, gt=0)
     # The gateway must answer 503 within 2 s when the broker does not confirm.
     publish_timeout_seconds: float = Field(default=1.5, gt=0)
     consumer_prefetch: int = Field(default=32, ge=1)

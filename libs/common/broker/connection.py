@@ -62,6 +62,7 @@ class Broker:
             connection = await connect_failover(
                 nodes,
                 heartbeat=settings.rabbitmq_heartbeat_seconds,
+                reconnect_interval=settings.rabbitmq_reconnect_interval_seconds,
                 attempt_seconds=settings.rabbitmq_connect_timeout_seconds,
                 client_properties={"connection_name": name},
             )
