@@ -9,6 +9,7 @@ publish it twice; consumers deduplicate on `message_id`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import time
@@ -80,6 +81,9 @@ class Publisher:
 
     # A channel is renewed at most this often, however many failures come meanwhile.
     RENEW_AT_MOST_EVERY_SECONDS = 1.0
+    # This many publishes timing out within the window says the channel is stuck.
+    TIMEOUTS_TO_RENEW = 3
+    TIMEOUT_WINDOW_SECONDS = 5.0
 
     def __init__(self, channel: AbstractChannel, *, timeout: float) -> None:
         self._channel = channel
@@ -87,7 +91,7 @@ class Publisher:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._renewing: asyncio.Task[None] | None = None
         self._renewed_at = -self.RENEW_AT_MOST_EVERY_SECONDS
-        self._confirmed_at = 0.0
+        self._timeouts: collections.deque[float] = collections.deque(maxlen=self.TIMEOUTS_TO_RENEW)
         self.renewals = 0
 
     async def publish(
@@ -120,9 +124,15 @@ class Publisher:
                 target = await self._exchange(exchange)
                 await target.publish(message, routing_key, mandatory=True)
         except TimeoutError as exc:
-            if self._confirmed_at < started:
-                # Nothing was confirmed on this channel while this one waited: the
-                # channel, not the broker, may be what is stuck (see _renew_channel).
+            # Publishes that keep timing out, rather than one slow confirm: the channel,
+            # not the broker, may be what is stuck (see _renew_channel).
+            now = time.monotonic()
+            self._timeouts.append(now)
+            if (
+                len(self._timeouts) == self.TIMEOUTS_TO_RENEW
+                and now - self._timeouts[0] < self.TIMEOUT_WINDOW_SECONDS
+            ):
+                self._timeouts.clear()
                 self._renew_channel()
             raise self._failed(PublishTimeout, routing_key, "no confirm in time") from exc
         except aio_pika.exceptions.PublishError as exc:
@@ -141,12 +151,11 @@ class Publisher:
             raise self._failed(BrokerUnavailable, routing_key, repr(exc)) from exc
         finally:
             PUBLISH_DURATION.labels(routing_key=routing_key).observe(time.perf_counter() - started)
-        self._confirmed_at = time.perf_counter()
         MESSAGES_PUBLISHED.labels(routing_key=routing_key).inc()
 
     def _renew_channel(self) -> None:
-        """After a nack, or a timeout while nothing else was confirmed, publish over a
-        new channel from now on (the switch happens in the background).
+        """After a nack, or publishes that keep timing out, publish over a new channel
+        from now on (the switch happens in the background).
 
         A nack says the broker could not take the message. On a cluster it can also be
         the channel's own stale view of a quorum queue: a channel that first published
