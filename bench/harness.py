@@ -24,9 +24,9 @@ import aio_pika
 import asyncpg
 
 from libs.common.broker.topology import Topology
+from tests.cluster.nodes import LocalCluster
 from tools import launch
 from tools.launch import ROOT, ServiceProcess, free_port, wiring
-from tests.cluster.nodes import LocalCluster
 
 PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBITMQ_BASE_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
