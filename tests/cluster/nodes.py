@@ -141,6 +141,8 @@ class LocalCluster:
             node.process = subprocess.Popen(
                 [str(RABBITMQ_BIN / "rabbitmq-server")],
                 env=self._env(node),
+                # Where a crashing node writes its MnesiaCore dump, and nowhere else.
+                cwd=node.home,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own process group: the script's beam (and what beam starts) is
