@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench import end_to_end, intake, persistence, reads, reconciler, replicas, webhooks
+from bench import cluster, end_to_end, intake, persistence, reads, reconciler, replicas, webhooks
 from bench.common import Context
 from bench.harness import ROOT, Harness, say
 from bench.report import ScenarioResult, table, to_json, write_chart, write_json
@@ -33,12 +33,16 @@ SCENARIOS: dict[str, Scenario] = {
     "intake": intake.run,
     "persistence": persistence.run,
     "e2e": end_to_end.run,
+    # Not in the default run (it starts three RabbitMQ nodes): `--only e2e,e2e-cluster`.
+    "e2e-cluster": cluster.run,
     "webhooks": webhooks.run,
     "reads": reads.run,
     "reconciler": reconciler.run,
     "replicas": replicas.run,
 }
 RESULTS_DIR = ROOT / "bench" / "results"
+# Scenarios that run only when named in --only.
+OPT_IN = ("e2e-cluster",)
 
 
 def _commit() -> str:
@@ -115,7 +119,9 @@ def main() -> int:
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the services")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs")
     args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or [
+        n for n in SCENARIOS if n not in OPT_IN
+    ]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")

@@ -245,6 +245,8 @@ async def run(ctx: Context) -> ScenarioResult:
         if limit is None:
             limit = await _measure_intake_limit(stack, gateway.port, ctx.quick)
             result.details["intake_limit_measured_here"] = True
+            # e2e-cluster, later in the run, offers the same rates.
+            ctx.shared["intake_max_rps"] = limit
         result.details["intake_limit_per_s"] = round(limit, 1)
         await stack.start_service(
             "provider", PROVIDER_WEBHOOK_DELAY_MS=str(DELAY_MS), PROVIDER_DECLINE_RATE="0"

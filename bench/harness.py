@@ -24,6 +24,7 @@ import aio_pika
 import asyncpg
 
 from libs.common.broker.topology import Topology
+from tests.cluster.nodes import LocalCluster
 from tools import launch
 from tools.launch import ROOT, ServiceProcess, free_port, wiring
 
@@ -229,7 +230,8 @@ class Stack:
         return depths
 
     async def broker(self) -> aio_pika.abc.AbstractRobustConnection:
-        return await aio_pika.connect_robust(self.rabbitmq_url)
+        # On a cluster the services get every node; one is enough to look.
+        return await aio_pika.connect_robust(self.rabbitmq_url.split(",")[0])
 
 
 class Harness:
@@ -244,6 +246,9 @@ class Harness:
         self.vhosts: list[str] = []
         self.processes: list[ServiceProcess] = []
         self._stacks = 0
+        # Set by the e2e-cluster scenario (bench/cluster.py): stacks made meanwhile get
+        # their vhost on that local three-node cluster, and every node in RABBITMQ_URL.
+        self.cluster: LocalCluster | None = None
 
     async def _admin(self, *statements: str) -> None:
         conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
@@ -278,6 +283,9 @@ class Harness:
         name = f"bench_{self.run_id}_{self._stacks}_{label}"[:60]
         await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
         self.databases.append(name)
+        if self.cluster is not None:
+            await self.cluster.add_vhost(name)
+            return Stack(self, database_dsn(name), self.cluster.urls(name), name)
         await asyncio.to_thread(rabbitmqctl, "add_vhost", name)
         self.vhosts.append(name)
         await asyncio.to_thread(

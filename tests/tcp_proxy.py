@@ -31,6 +31,11 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    @property
+    def connections(self) -> int:
+        """Client connections forwarded right now."""
+        return len(self._connections)
+
     def hold_responses(self) -> None:
         self._holding = True
 

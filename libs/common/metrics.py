@@ -34,6 +34,12 @@ PUBLISH_FAILURES = Counter(
     "Publishes that were not confirmed, by routing key and reason.",
     ["routing_key", "reason"],
 )
+PUBLISH_DURATION = Histogram(
+    "message_publish_duration_seconds",
+    "Time from publish to the broker's confirm (or to the failure), by routing key.",
+    ["routing_key"],
+    buckets=LATENCY_BUCKETS,
+)
 MESSAGES_CONSUMED = Counter(
     "messages_consumed_total",
     "Messages taken from a queue, by queue and outcome (processed, retried, parked).",

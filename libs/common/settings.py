@@ -44,6 +44,11 @@ def _split_commas(value: object) -> object:
 CommaList = Annotated[list[SecretStr], NoDecode]
 
 
+def _split_urls(value: str) -> list[str]:
+    """`amqp://a/,amqp://b/` as its URLs; a comma inside a password is written `%2C`."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class BaseServiceSettings(BaseSettings):
     """What every service reads."""
 
@@ -121,6 +126,9 @@ class BrokerSettings(BaseServiceSettings):
     rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
     rabbitmq_heartbeat_seconds: int = Field(default=30, ge=1)
     rabbitmq_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Between reconnect attempts (each to the next node of a cluster), and the least time
+    # between a connection made and the next attempt should it drop at once.
+    rabbitmq_reconnect_interval_seconds: float = Field(default=1.0, gt=0)
     # The gateway must answer 503 within 2 s when the broker does not confirm.
     publish_timeout_seconds: float = Field(default=1.5, gt=0)
     consumer_prefetch: int = Field(default=32, ge=1)
@@ -128,16 +136,29 @@ class BrokerSettings(BaseServiceSettings):
     @field_validator("rabbitmq_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        urls = _split_urls(value.get_secret_value())
+        if not urls:
             raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    "must look like amqp://user:password@host:5672/vhost"
+                    " (or several such URLs, comma-separated, one per cluster node)"
+                )
         return value
+
+    def rabbitmq_node_urls(self) -> list[str]:
+        """The broker's nodes, in the order given: one URL, or one per cluster node."""
+        return _split_urls(self.rabbitmq_url.get_secret_value())
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
-        parts = urlsplit(self.rabbitmq_url.get_secret_value())
-        if (parts.username, parts.password) in (("guest", "guest"), (None, None)):
-            problems.append("RABBITMQ_URL uses the default guest credentials")
+        for url in self.rabbitmq_node_urls():
+            parts = urlsplit(url)
+            if (parts.username, parts.password) in (("guest", "guest"), (None, None)):
+                problems.append("RABBITMQ_URL uses the default guest credentials")
+                break
         return problems
 
 

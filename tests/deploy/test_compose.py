@@ -159,7 +159,8 @@ def test_each_service_brings_what_it_needs() -> None:
 
 
 def test_env_example_lists_every_variable_the_compose_file_uses() -> None:
-    used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    compose_files = ("docker-compose.yml", "docker-compose.cluster.yml")
+    used = {v for f in compose_files for v in re.findall(r"\$\{([A-Z_]+)", (ROOT / f).read_text())}
     example = {
         line.split("=", 1)[0]
         for line in (ROOT / ".env.example").read_text().splitlines()

@@ -309,7 +309,8 @@ class Checker:
     ) -> None:
         self.database_url = database_url
         self.rabbitmq_url = rabbitmq_url
-        # How to reach the broker's rabbitmqctl (a container's: `docker exec … rabbitmqctl`).
+        # How to reach the broker's rabbitmqctl: a container's (`docker exec … rabbitmqctl`),
+        # or a cluster node's with its name and cookie.
         self.rabbitmqctl = tuple(rabbitmqctl)
         self.vhost = unquote(urlsplit(rabbitmq_url).path.lstrip("/")) or "/"
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -442,6 +443,8 @@ class Load:
         self.webhooks_answered = 0
         self.webhook_events: set[str] = set()
         self.webhooks_refused: list[str] = []
+        # 503s that did not say when to retry (README promises Retry-After on each).
+        self.unavailable_without_retry_after = 0
         self.reconciliations_requested = 0
         self.reconciliation_runs: list[str] = []
         self.recovery_seconds: float | None = None
@@ -531,6 +534,8 @@ class Load:
                     timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS),
                 ) as response:
                     self.answers[str(response.status)] += 1
+                    if response.status == 503 and "Retry-After" not in response.headers:
+                        self.unavailable_without_retry_after += 1
                     answer = await response.json(content_type=None)
                     if 200 <= response.status < 300:
                         return {**answer, "_attempts": attempts}
@@ -784,6 +789,8 @@ async def inspect(
     errors = {k: n for k, n in load.answers.items() if k.isdigit() and int(k) >= 500 and k != "503"}
     if errors:
         problems.append(f"the gateway answered server errors other than 503: {errors}")
+    if load.unavailable_without_retry_after:
+        problems.append(f"{load.unavailable_without_retry_after} answers 503 without Retry-After")
 
     # Payments: the one each 2xx named, and one per key at most.
     payments = await checker.fetch(
@@ -980,13 +987,15 @@ async def run_case(
     env: dict[str, str] | None = None,
     reconcile_every: float | None = None,
     observed: Callable[[FaultContext], str | None] | None = None,
+    load_seconds: float = LOAD_SECONDS,
+    rabbitmqctl: Sequence[str] = ("rabbitmqctl",),
 ) -> FaultRow:
     """Start the platform, load it, inject the fault mid-load, settle, check, record.
 
     `observed` says what is wrong if the fault never reached the platform (a case that
     passes because nothing happened proves nothing).
     """
-    checker = Checker(database_url, rabbitmq_url)
+    checker = Checker(database_url, rabbitmq_url, rabbitmqctl=rabbitmqctl)
     try:
         with running_services(tmp_path) as services:
             stack = Stack(database_url, services_rabbitmq_url or rabbitmq_url, tmp_path, services)
@@ -995,7 +1004,7 @@ async def run_case(
             async with aiohttp.ClientSession() as http:
                 load = Load(http, platform.gateway.url, checker, reconcile_every=reconcile_every)
                 ctx = FaultContext(platform, load)
-                load.start()
+                load.start(load_seconds)
                 await asyncio.sleep(FAULT_AT_SECONDS)
                 ctx.began()
                 await inject(ctx)

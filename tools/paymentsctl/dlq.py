@@ -23,12 +23,16 @@ from tools.paymentsctl.commands import Context
 from tools.paymentsctl.errors import OK, CtlError, NotFound, Unreachable, Usage
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def _redacted(urls: str) -> str:
+    """RABBITMQ_URL (one URL, or one per cluster node) without its passwords."""
+    redacted = []
+    for url in urls.split(","):
+        parts = urlsplit(url.strip())
+        if parts.password is not None:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+            parts = parts._replace(netloc=netloc)
+        redacted.append(urlunsplit(parts))
+    return ",".join(redacted)
 
 
 @contextlib.asynccontextmanager

@@ -1,8 +1,10 @@
 """One robust RabbitMQ connection per process, with the topology declared and a publisher.
 
 aio-pika's robust connection reconnects by itself and restores channels, queues and
-consumers, so a broker restart heals without a service restart. While it is away,
-publishes fail fast (within the publish timeout) and /ready says not ready.
+consumers, so a broker restart heals without a service restart; given several nodes of
+a cluster (RABBITMQ_URL, comma-separated), it moves to the next node instead of waiting
+for the lost one (libs.common.broker.failover). While it is away, publishes fail fast
+(within the publish timeout) and /ready says not ready.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from libs.common.broker.failover import connect_failover
 from libs.common.broker.publisher import BrokerUnavailable, Publisher
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import Envelope
@@ -51,13 +53,17 @@ class Broker:
         wrong vhost creates nothing there.
         """
         topology = topology or Topology()
+        nodes = settings.rabbitmq_node_urls()
         # The first connection must fail in bounded time (a robust connection would
-        # otherwise keep retrying some failures, such as an unresolvable host, forever).
-        async with asyncio.timeout(settings.rabbitmq_connect_timeout_seconds * 2):
-            connection = await aio_pika.connect_robust(
-                settings.rabbitmq_url.get_secret_value(),
+        # otherwise keep retrying some failures, such as an unresolvable host, forever);
+        # each node of a cluster gets its own attempt.
+        within = settings.rabbitmq_connect_timeout_seconds * (len(nodes) + 1)
+        async with asyncio.timeout(within):
+            connection = await connect_failover(
+                nodes,
                 heartbeat=settings.rabbitmq_heartbeat_seconds,
-                timeout=settings.rabbitmq_connect_timeout_seconds,
+                reconnect_interval=settings.rabbitmq_reconnect_interval_seconds,
+                attempt_seconds=settings.rabbitmq_connect_timeout_seconds,
                 client_properties={"connection_name": name},
             )
         try:

@@ -9,7 +9,10 @@ publish it twice; consumers deduplicate on `message_id`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
+import logging
+import time
 from typing import Any
 
 import aio_pika
@@ -17,7 +20,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from libs.common.messages import Envelope, encode
-from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_FAILURES
+from libs.common.metrics import MESSAGES_PUBLISHED, PUBLISH_DURATION, PUBLISH_FAILURES
+
+log = logging.getLogger(__name__)
 
 
 class PublishError(Exception):
@@ -74,10 +79,20 @@ def republishable(message: AbstractIncomingMessage, headers: dict[str, Any]) -> 
 class Publisher:
     """Publishes to named exchanges over one confirm-mode channel."""
 
+    # A channel is renewed at most this often, however many failures come meanwhile.
+    RENEW_AT_MOST_EVERY_SECONDS = 1.0
+    # This many publishes timing out within the window says the channel is stuck.
+    TIMEOUTS_TO_RENEW = 3
+    TIMEOUT_WINDOW_SECONDS = 5.0
+
     def __init__(self, channel: AbstractChannel, *, timeout: float) -> None:
         self._channel = channel
         self._timeout = timeout
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._renewing: asyncio.Task[None] | None = None
+        self._renewed_at = -self.RENEW_AT_MOST_EVERY_SECONDS
+        self._timeouts: collections.deque[float] = collections.deque(maxlen=self.TIMEOUTS_TO_RENEW)
+        self.renewals = 0
 
     async def publish(
         self, envelope: Envelope[Any], *, exchange: str, unroutable_is_failure: bool = True
@@ -101,17 +116,31 @@ class Publisher:
         """Publish, confirmed, or raise. An event nobody subscribed to comes back
         unroutable too; its publisher passes `unroutable_is_failure=False` so that it is
         not counted as a failure (it still raises MessageUnroutable)."""
+        # Every attempt is timed, confirmed or not: on a cluster losing a node, the
+        # confirm latency is what clients feel.
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 target = await self._exchange(exchange)
                 await target.publish(message, routing_key, mandatory=True)
         except TimeoutError as exc:
+            # Publishes that keep timing out, rather than one slow confirm: the channel,
+            # not the broker, may be what is stuck (see _renew_channel).
+            now = time.monotonic()
+            self._timeouts.append(now)
+            if (
+                len(self._timeouts) == self.TIMEOUTS_TO_RENEW
+                and now - self._timeouts[0] < self.TIMEOUT_WINDOW_SECONDS
+            ):
+                self._timeouts.clear()
+                self._renew_channel()
             raise self._failed(PublishTimeout, routing_key, "no confirm in time") from exc
         except aio_pika.exceptions.PublishError as exc:
             if not unroutable_is_failure:
                 raise MessageUnroutable(f"no queue bound for {routing_key!r}") from exc
             raise self._failed(MessageUnroutable, routing_key, "no queue bound") from exc
         except aio_pika.exceptions.DeliveryError as exc:
+            self._renew_channel()
             raise self._failed(MessageNacked, routing_key, "broker refused it") from exc
         except (
             aiormq.exceptions.AMQPError,
@@ -120,7 +149,40 @@ class Publisher:
             OSError,
         ) as exc:
             raise self._failed(BrokerUnavailable, routing_key, repr(exc)) from exc
+        finally:
+            PUBLISH_DURATION.labels(routing_key=routing_key).observe(time.perf_counter() - started)
         MESSAGES_PUBLISHED.labels(routing_key=routing_key).inc()
+
+    def _renew_channel(self) -> None:
+        """After a nack, or publishes that keep timing out, publish over a new channel
+        from now on (the switch happens in the background).
+
+        A nack says the broker could not take the message. On a cluster it can also be
+        the channel's own stale view of a quorum queue: a channel that first published
+        to a queue while the queue's leader node was down keeps asking that node, and
+        keeps nacking, until it is back (RabbitMQ 3.10's quorum queue client); commands
+        sent to a leader that has just stopped wait for a resend instead. A new channel
+        starts from the queue's current leader. Closing the AMQP channel under the
+        robust one makes aio-pika open a new one in its place, as after any loss;
+        publishes still waiting on the old one fail, and their clients retry.
+        """
+        now = time.monotonic()
+        if self._renewing is not None or now - self._renewed_at < self.RENEW_AT_MOST_EVERY_SECONDS:
+            return
+        self._renewed_at = now
+        self.renewals += 1
+        log.warning("publishing over a new channel after a failed publish")
+        self._renewing = asyncio.create_task(self._close_underlay(), name="renew channel")
+
+    async def _close_underlay(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                underlay = await self._channel.get_underlay_channel()
+                await underlay.close()
+        except (aiormq.exceptions.AMQPError, RuntimeError, OSError, TimeoutError):
+            pass  # the connection is going anyway: it brings a new channel when back
+        finally:
+            self._renewing = None
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
