@@ -202,5 +202,10 @@ class PaymentEvent(Payload):
 
 
 # Every payload class on the bus (the AsyncAPI document describes each of them).
-COMMANDS: tuple[type[Payload], ...] = (PaymentRequested, WebhookReceived, ReconciliationRequested)
+COMMANDS: tuple[type[Payload], ...] = (
+    PaymentRequested,
+    WebhookReceived,
+    ReconciliationRequested,
+    RefundRequested,
+)
 EVENTS: tuple[type[Payload], ...] = (PaymentEvent,)
