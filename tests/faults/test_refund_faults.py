@@ -47,7 +47,6 @@ from tests.faults.harness import (
     markdown_table,
     record,
 )
-from tests.support import fresh_vhost
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -75,12 +74,6 @@ PROVIDER_DELAY_SECONDS = 0.3
 REQUEST_DEADLINE_SECONDS = 45.0
 SETTLE_SECONDS = 60.0
 RECONCILE_EVERY_SECONDS = 5.0
-
-
-@pytest.fixture
-def rabbitmq_url() -> Any:
-    with fresh_vhost() as url:
-        yield url
 
 
 @dataclasses.dataclass
