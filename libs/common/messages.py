@@ -119,6 +119,9 @@ class PaymentRequested(Payload):
     description: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     requested_at: AwareDatetime
+    # The API key that asked (its id): only it may refund or cancel the payment. Absent
+    # from messages of gateways that predate it.
+    owner: str | None = Field(default=None, max_length=64)
 
 
 class WebhookReceived(Payload):
@@ -140,6 +143,18 @@ class ReconciliationRequested(Payload):
 
     run_id: uuid.UUID
     trigger: Literal["cron", "manual"] = "manual"
+
+
+class RefundRequested(Payload):
+    """A client asked for a refund; the gateway stored it as pending, under its payment's
+    lock, within what is left to refund. Consumed by the payments service, which submits
+    it to the provider. The refund's row is the truth; this only says "submit it"."""
+
+    TYPE: ClassVar[str] = "refund.requested"
+
+    refund_id: uuid.UUID
+    payment_id: uuid.UUID
+    requested_at: AwareDatetime
 
 
 # --- the platform's events --------------------------------------------------------------------
@@ -187,5 +202,10 @@ class PaymentEvent(Payload):
 
 
 # Every payload class on the bus (the AsyncAPI document describes each of them).
-COMMANDS: tuple[type[Payload], ...] = (PaymentRequested, WebhookReceived, ReconciliationRequested)
+COMMANDS: tuple[type[Payload], ...] = (
+    PaymentRequested,
+    WebhookReceived,
+    ReconciliationRequested,
+    RefundRequested,
+)
 EVENTS: tuple[type[Payload], ...] = (PaymentEvent,)

@@ -58,6 +58,17 @@ PAYMENT_TRANSITIONS = Counter(
     ["source", "to_status", "outcome"],
 )
 
+REFUNDS_SETTLED = Counter(
+    "refunds_settled_total",
+    "Refunds that reached their outcome, by source (webhook, reconciler, provider) and"
+    " status (succeeded, failed).",
+    ["source", "status"],
+)
+# Every known pair starts at 0, so rate() and Prometheus see the series before the first.
+for _source in ("webhook", "reconciler", "provider"):
+    for _status in ("succeeded", "failed"):
+        REFUNDS_SETTLED.labels(source=_source, status=_status)
+
 QUEUE_MESSAGES = Gauge(
     "broker_queue_messages",
     "Messages waiting in a queue (ready, not yet delivered), as last seen by its consumer.",

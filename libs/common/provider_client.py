@@ -50,6 +50,25 @@ class ChargeList(BaseModel):
     data: list[Charge]
 
 
+class ProviderRefund(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    charge_id: str
+    # The merchant's refund id.
+    reference: str
+    amount_minor: int
+    currency: str
+    status: Literal["processing", "succeeded", "failed"]
+    failure_reason: str | None = None
+    created_at: dt.datetime
+    settled_at: dt.datetime | None = None
+
+
+class RefundList(BaseModel):
+    data: list[ProviderRefund]
+
+
 class ProviderUnavailable(Exception):
     """The provider could not be reached or kept failing; the outcome is unknown."""
 
@@ -105,6 +124,34 @@ class ProviderClient:
         async def attempt() -> list[Charge]:
             params = {"payment_id": str(payment_id)}
             return _parse(ChargeList, await self._send("GET", "/charges", params=params)).data
+
+        return await self._retrying(attempt)
+
+    async def create_refund(
+        self, *, refund_id: uuid.UUID, charge_id: str, amount_minor: int, currency: str
+    ) -> ProviderRefund:
+        """Ask for a refund of `charge_id`, under the refund's id as idempotency key, so
+        asking again (a redelivery, the reconciler) never refunds twice."""
+        body = {
+            "charge_id": charge_id,
+            "reference": str(refund_id),
+            "amount_minor": amount_minor,
+            "currency": currency,
+        }
+        headers = {"Idempotency-Key": str(refund_id)}
+
+        async def attempt() -> ProviderRefund:
+            text = await self._send("POST", "/refunds", json=body, headers=headers)
+            return _parse(ProviderRefund, text)
+
+        return await self._retrying(attempt)
+
+    async def find_refunds(self, refund_id: uuid.UUID) -> list[ProviderRefund]:
+        """The provider's refunds made under our refund id (none, or one)."""
+
+        async def attempt() -> list[ProviderRefund]:
+            params = {"reference": str(refund_id)}
+            return _parse(RefundList, await self._send("GET", "/refunds", params=params)).data
 
         return await self._retrying(attempt)
 

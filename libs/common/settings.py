@@ -290,6 +290,7 @@ class ProviderSettings(DatabaseSettings, WebhookSigningSettings):
     provider_webhook_timeout_seconds: float = Field(default=5.0, gt=0)
     provider_webhook_delay_ms: int = Field(default=500, ge=0)
     provider_decline_rate: float = Field(default=0.1, ge=0, le=1)
+    provider_refund_decline_rate: float = Field(default=0.0, ge=0, le=1)
     provider_webhook_drop_rate: float = Field(default=0.0, ge=0, le=1)
     provider_webhook_duplicate_rate: float = Field(default=0.0, ge=0, le=1)
     provider_error_rate: float = Field(default=0.0, ge=0, le=1)

@@ -8,8 +8,10 @@ per move saying what was asked, by whom, and whether it was applied or refused; 
 the event of every move applied (creation included) in the outbox, numbered by the
 payment's event sequence (`_EVENTS_CTE`, see libs/common/outbox.py), so an event commits
 exactly when its move does and a refused move has none. They are the only writes on the
-payments schema besides its inbox and the relay's marking of published events (reads are
-in `libs.common.payments_store`), and `_AUDIT_CTE` is the only writer of its audit table.
+payments schema besides its inbox, the relay's marking of published events, its refunds
+(`libs.common.refunds`) and the charge claim (`libs.common.cancellation`), both of which
+move payments through this module; reads are in `libs.common.payments_store`, and
+`_AUDIT_CTE` is the only writer of its audit table.
 
 Two concurrent moves of one payment serialize on the row lock, and the second one sees
 the first one's result, so a late or duplicate event can never move a payment backwards.
@@ -164,15 +166,15 @@ _CREATE_SQL = f"""
 WITH incoming AS (
     SELECT *
       FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                  $7::text[], $8::timestamptz[], $9::text[])
+                  $7::text[], $8::timestamptz[], $9::text[], $13::text[])
         AS i(id, reference, amount_minor, currency, customer_id, description, metadata,
-             created_at, correlation_id)
+             created_at, correlation_id, owner)
 ), inserted AS (
     INSERT INTO payments.payments
         (id, reference, amount_minor, currency, customer_id, description, metadata,
-         created_at, updated_at, event_sequence)
+         created_at, updated_at, event_sequence, owner)
     SELECT id, reference, amount_minor, currency, customer_id, description, metadata::jsonb,
-           COALESCE(created_at, now()), COALESCE(created_at, now()), 1
+           COALESCE(created_at, now()), COALESCE(created_at, now()), 1, owner
       FROM incoming
     ON CONFLICT (id) DO NOTHING
     RETURNING *
@@ -210,6 +212,8 @@ class NewPayment:
     created_at: dt.datetime | None = None
     # The audit row's; None takes the current context's.
     correlation_id: str | None = None
+    # The API key that made it: only it may refund or cancel it (None: any key may).
+    owner: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,6 +251,7 @@ async def create_payments(
         PaymentStatus.PENDING.value,
         source.value,
         reason,
+        [p.owner for p in payments],
     )
     result = {row["id"]: Stored(PaymentStatus(row["status"]), row["inserted"]) for row in rows}
     created = sum(stored.inserted for stored in result.values())

@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-from libs.common.states import PaymentStatus, TransitionSource
+from libs.common.states import PaymentStatus, RefundStatus, TransitionSource
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -104,6 +104,12 @@ payments = Table(
     # Raised by the transition's own UPDATE, under its row lock, so no two events of a
     # payment share a number and none is skipped.
     Column("event_sequence", Integer, nullable=False, server_default=text("0")),
+    # The API key (its id, as services.gateway.access names it) that created the payment;
+    # only that key may refund or cancel it. NULL for payments made before it was recorded.
+    Column("owner", Text, nullable=True),
+    # Set, under the row lock, before the provider is first asked to charge: from then on
+    # the payment can no longer be canceled (see libs.common.cancellation).
+    Column("charge_requested_at", DateTime(timezone=True), nullable=True),
     _created_at(),
     # Kept current by the trigger payments.set_updated_at (see the initial migration).
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
@@ -202,6 +208,53 @@ payment_stats = Table(
     Column("count", BigInteger, nullable=False),
     Column("amount_minor", BigInteger, nullable=False),
     PrimaryKeyConstraint("status", "currency", "slot"),
+    schema=PAYMENTS_SCHEMA,
+)
+
+REFUND_REASON_MAX_LENGTH = 500
+
+# A payment's refunds. Written only through libs.common.refunds: a refund is inserted
+# under its payment's row lock after adding up the payment's other refunds, so the
+# refunds not failed never add up to more than the payment's amount.
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column(
+        "payment_id",
+        UUID(as_uuid=True),
+        ForeignKey(payments.c.id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("amount_minor", BigInteger, nullable=False),
+    # The payment's currency, kept with the refund for the stats.
+    Column("currency", Text, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("status", Text, nullable=False, server_default=RefundStatus.PENDING.value),
+    Column("failure_reason", Text, nullable=True),
+    # The provider's id for this refund, once it answered.
+    Column("provider_refund_id", Text, nullable=True),
+    # When the provider was first asked (NULL: not yet, so the gateway may still withdraw it).
+    Column("submitted_at", DateTime(timezone=True), nullable=True),
+    Column("settled_at", DateTime(timezone=True), nullable=True),
+    Column("correlation_id", Text, nullable=True),
+    _created_at(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint(_one_of("status", [s.value for s in RefundStatus]), name="status_known"),
+    CheckConstraint(
+        f"reason IS NULL OR char_length(reason) <= {REFUND_REASON_MAX_LENGTH}",
+        name="reason_length",
+    ),
+    Index(None, "payment_id", "created_at"),
+    # The reconciler's walk over refunds still pending.
+    Index(None, "created_at", postgresql_where=text("status = 'pending'")),
+    Index(
+        None,
+        "provider_refund_id",
+        unique=True,
+        postgresql_where=text("provider_refund_id IS NOT NULL"),
+    ),
     schema=PAYMENTS_SCHEMA,
 )
 
@@ -346,6 +399,7 @@ idempotency_keys = Table(
 # --- provider (the simulated PSP's own state) -------------------------------------------------
 
 CHARGE_STATUSES = ("processing", "succeeded", "declined")
+PROVIDER_REFUND_STATUSES = ("processing", "succeeded", "failed")
 DELIVERY_STATES = ("pending", "delivered", "dropped", "failed")
 
 charges = Table(
@@ -375,12 +429,45 @@ charges = Table(
     schema=PROVIDER_SCHEMA,
 )
 
+provider_refunds = Table(
+    "refunds",
+    metadata,
+    Column("id", Text, primary_key=True),
+    # The merchant's refund id: one refund per key, however often it is asked.
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("request_hash", Text, nullable=False),
+    Column("charge_id", Text, ForeignKey(charges.c.id, ondelete="CASCADE"), nullable=False),
+    # The merchant's refund id as it sent it in the body (what it looks refunds up by).
+    Column("reference", Text, nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("failure_reason", Text, nullable=True),
+    Column("settle_at", DateTime(timezone=True), nullable=False),
+    Column("settled_at", DateTime(timezone=True), nullable=True),
+    Column("correlation_id", Text, nullable=True),
+    _created_at(),
+    CheckConstraint("amount_minor > 0", name="amount_positive"),
+    CheckConstraint(_one_of("status", PROVIDER_REFUND_STATUSES), name="status_known"),
+    Index(None, "charge_id"),
+    Index(None, "reference"),
+    Index(None, "settle_at", postgresql_where=text("status = 'processing'")),
+    schema=PROVIDER_SCHEMA,
+)
+
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
     # The event id the merchant deduplicates on.
     Column("id", Text, primary_key=True),
     Column("charge_id", Text, ForeignKey(charges.c.id, ondelete="CASCADE"), nullable=False),
+    # Set for a refund's events (whose charge_id is the refunded charge).
+    Column(
+        "refund_id",
+        Text,
+        ForeignKey(provider_refunds.c.id, ondelete="CASCADE"),
+        nullable=True,
+    ),
     Column("event_type", Text, nullable=False),
     # Exactly the bytes sent (and signed) on every attempt.
     Column("body", LargeBinary, nullable=False),
@@ -393,6 +480,7 @@ webhook_deliveries = Table(
     _created_at(),
     CheckConstraint(_one_of("state", DELIVERY_STATES), name="state_known"),
     Index(None, "charge_id"),
+    Index(None, "refund_id"),
     Index(None, "next_attempt_at", postgresql_where=text("state = 'pending'")),
     schema=PROVIDER_SCHEMA,
 )

@@ -32,6 +32,9 @@ EVENT_TARGETS = {
     "payment.failed": PaymentStatus.FAILED,
     "payment.refunded": PaymentStatus.REFUNDED,
 }
+# Events about one of a payment's refunds (data.refund_id names it): they settle the
+# refund, which moves the payment (libs.common.refunds.settle_refund). True: succeeded.
+REFUND_EVENTS = {"refund.succeeded": True, "refund.failed": False}
 _EVENT_NAMESPACE = uuid.UUID("0b6f2a54-3c1e-4d7a-8f59-2e6d1c9a7b30")
 
 
@@ -47,6 +50,10 @@ class _Data(BaseModel):
     reference: StrictStr | None = None
     provider_reference: StrictStr | None = None
     decline_reason: StrictStr | None = None
+    # Refund events: our refund id, the provider's, and why it failed.
+    refund_id: StrictStr | None = None
+    provider_refund_id: StrictStr | None = None
+    failure_reason: StrictStr | None = None
 
 
 class _Payload(BaseModel):
@@ -71,6 +78,21 @@ class ProviderEvent:
     provider_reference: str | None
     decline_reason: str | None
     trailing_bytes: bool
+    claimed_refund_id: str | None = None
+    provider_refund_id: str | None = None
+    failure_reason: str | None = None
+
+    @property
+    def refund_outcome(self) -> bool | None:
+        """For a refund event, whether the refund succeeded; None for other events."""
+        return REFUND_EVENTS.get(self.event_type)
+
+    @property
+    def refund_id(self) -> uuid.UUID | None:
+        try:
+            return uuid.UUID(self.claimed_refund_id) if self.claimed_refund_id else None
+        except ValueError:
+            return None
 
     @property
     def target(self) -> PaymentStatus | None:
@@ -111,4 +133,7 @@ def parse_event(raw: bytes) -> ProviderEvent:
         provider_reference=payload.data.provider_reference,
         decline_reason=payload.data.decline_reason,
         trailing_bytes=parsed.trailing_bytes,
+        claimed_refund_id=payload.data.refund_id,
+        provider_refund_id=payload.data.provider_refund_id,
+        failure_reason=payload.data.failure_reason,
     )

@@ -1,7 +1,7 @@
 """Who may call the API, and how often.
 
 API keys: when API_KEYS (or the seed's API_SECRET) is set, and always in production,
-`/api/payments*`, `/api/reconciliations*` and `/api/events*` need
+`/api/payments*`, `/api/refunds*`, `/api/reconciliations*` and `/api/events*` need
 `Authorization: Bearer <key>`. Every configured key is compared in constant time, all of
 them on every request, so timing reveals neither a key nor which key matched. A key's
 identity for idempotency and rate limits is a hash of it, never the key itself. Removing
@@ -31,7 +31,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from libs.common.errors import ApiError
 
-PROTECTED_PREFIXES = ("/api/payments", "/api/reconciliations", "/api/events")
+PROTECTED_PREFIXES = ("/api/payments", "/api/reconciliations", "/api/events", "/api/refunds")
 ANONYMOUS = "anonymous"
 
 

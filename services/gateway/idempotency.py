@@ -1,4 +1,4 @@
-"""`Idempotency-Key` for `POST /api/payments/pay`, with the semantics of the big PSPs.
+"""`Idempotency-Key` for `/pay` and refunds, with the semantics of the big PSPs.
 
 - first use of a key: the request runs; its answer is stored for at least 24 h;
 - same key, same request: the stored answer again (`Idempotent-Replayed: true`);
@@ -82,6 +82,18 @@ class IdempotencyKeys:
         await self.db.transaction(
             lambda conn: conn.execute(
                 "UPDATE gateway.idempotency_keys SET locked_until = now()"
+                " WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
+                scope,
+                key,
+            )
+        )
+
+    async def forget(self, scope: str, key: str) -> None:
+        """The request was refused (4xx) before it changed anything: free the key, as if
+        never used, so nothing of the refused request stays stored."""
+        await self.db.transaction(
+            lambda conn: conn.execute(
+                "DELETE FROM gateway.idempotency_keys"
                 " WHERE scope = $1 AND key = $2 AND state = 'in_flight'",
                 scope,
                 key,

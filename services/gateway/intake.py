@@ -68,7 +68,9 @@ def message_id(payment_id: uuid.UUID) -> uuid.UUID:
     return uuid.uuid5(_MESSAGE_NAMESPACE, str(payment_id))
 
 
-def payment_requested(order: PaymentOrder, body: dict[str, Any]) -> Envelope[PaymentRequested]:
+def payment_requested(
+    order: PaymentOrder, body: dict[str, Any], owner: str | None = None
+) -> Envelope[PaymentRequested]:
     payment_id = uuid.UUID(body["id"])
     return wrap(
         PaymentRequested(
@@ -80,6 +82,7 @@ def payment_requested(order: PaymentOrder, body: dict[str, Any]) -> Envelope[Pay
             description=order.description,
             metadata=order.metadata,
             requested_at=dt.datetime.fromisoformat(body["created_at"]),
+            owner=owner,
         ),
         message_id=message_id(payment_id),
     )
@@ -101,7 +104,7 @@ async def accept_payment(
         body = claim.body
 
     try:
-        await publish(payment_requested(order, body))
+        await publish(payment_requested(order, body, owner=scope))
     except PublishError as exc:
         log.warning("payment not accepted: broker did not confirm", extra={"error": str(exc)})
         if idempotency_key is not None:

@@ -30,6 +30,7 @@ from libs.common.payments_store import (
     payment_with_events,
 )
 from libs.common.reconciler_store import latest_run
+from libs.common.refunds import refunded_by_currency
 from libs.common.states import PaymentStatus
 from libs.common.webhooks_store import counts_by_status
 from services.gateway.reconciliations import run_json
@@ -171,13 +172,15 @@ async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
 
 
 async def payment_stats(db: Database) -> dict[str, Any]:
-    async def read(conn: Connection) -> tuple[list[Record], list[Record], Record | None]:
+    async def read(
+        conn: Connection,
+    ) -> tuple[list[Record], list[Record], Record | None, list[Record]]:
         payments = await counts_by_status_and_currency(conn)
         webhooks = await counts_by_status(conn)
         last_run = await latest_run(conn)
-        return payments, webhooks, last_run
+        return payments, webhooks, last_run, await refunded_by_currency(conn)
 
-    payment_rows, webhook_rows, last_run = await db.transaction(read)
+    payment_rows, webhook_rows, last_run, refund_rows = await db.transaction(read)
 
     by_status: dict[str, dict[str, Any]] = {
         s.value: {"count": 0, "amounts": {}} for s in PaymentStatus
@@ -196,7 +199,7 @@ async def payment_stats(db: Database) -> dict[str, Any]:
     for currency, minor in minor_by_currency.items():
         by_currency[currency]["amount"] = format_minor_units(minor, currency)
 
-    succeeded = by_status["completed"]["count"] + by_status["refunded"]["count"]
+    succeeded = sum(by_status[s]["count"] for s in ("completed", "partially_refunded", "refunded"))
     settled = succeeded + by_status["failed"]["count"]
     webhooks = {row["status"]: row["count"] for row in webhook_rows if row["count"]}
     return {
@@ -207,6 +210,19 @@ async def payment_stats(db: Database) -> dict[str, Any]:
             # Of the payments that reached an outcome, the share that were paid.
             "success_rate": round(succeeded / settled, 4) if settled else None,
         },
+        "refunds": _refund_stats(refund_rows),
         "webhooks": {"total": sum(webhooks.values()), "by_status": webhooks},
         "last_reconciliation": run_json(last_run) if last_run else None,
     }
+
+
+def _refund_stats(rows: list[Record]) -> dict[str, Any]:
+    """Refunded (succeeded) amounts by currency, and what is still pending, apart."""
+    result: dict[str, dict[str, Any]] = {"refunded": {}, "pending": {}}
+    for row in rows:
+        target = result["refunded" if row["status"] == "succeeded" else "pending"]
+        target[row["currency"]] = {
+            "count": row["count"],
+            "amount": format_minor_units(row["amount_minor"], row["currency"]),
+        }
+    return result

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.cancellation import cancel_payment
 from libs.common.errors import ApiError
+from libs.common.refunds import get_refund, list_refunds, refund_json
 from libs.common.settings import GatewaySettings
 from libs.common.web import BROKER, DATABASE, read_body, read_json_object
 from services.gateway import events
@@ -29,6 +32,7 @@ from services.gateway.reconciliations import (
     parse_run_id,
     request_run,
 )
+from services.gateway.refunds import parse_refund_order, request_refund
 from services.gateway.validation import MAX_BODY_BYTES, parse_payment_order
 from services.gateway.webhooks import MAX_WEBHOOK_BYTES, get_event, parse_event_id, receive_webhook
 
@@ -89,6 +93,48 @@ async def get_one(request: web.Request) -> web.Response:
 async def get_page(request: web.Request) -> web.Response:
     query = parse_list_query(request.query)
     return web.json_response(await list_payments(request.app[DATABASE], query))
+
+
+async def refund(request: web.Request) -> web.Response:
+    payment_id = parse_payment_id(request.match_info["payment_id"])
+    # Every field is optional: no body at all asks for what is left, in full.
+    body = await read_json_object(request, MAX_BODY_BYTES) if request.can_read_body else {}
+    order = parse_refund_order(body)
+    key = request.headers.get("Idempotency-Key")
+    answer = await request_refund(
+        request.app[DATABASE],
+        payment_id,
+        order,
+        owner=request[CLIENT],
+        publish=request.app[BROKER].publish,
+        keys=request.app[IDEMPOTENCY_KEYS],
+        idempotency_key=check_key(key) if key is not None else None,
+    )
+    headers = {"Location": f"/api/refunds/{answer.body['id']}"} if answer.status == 202 else {}
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return web.json_response(answer.body, status=answer.status, headers=headers)
+
+
+async def payment_refunds(request: web.Request) -> web.Response:
+    payment_id = parse_payment_id(request.match_info["payment_id"])
+    rows = await list_refunds(request.app[DATABASE], payment_id, request[CLIENT])
+    return web.json_response({"data": [refund_json(row) for row in rows]})
+
+
+async def get_refund_route(request: web.Request) -> web.Response:
+    try:
+        refund_id = uuid.UUID(request.match_info["refund_id"])
+    except ValueError:
+        raise ApiError(400, "invalid_refund_id", "A refund id is a UUID.") from None
+    row = await get_refund(request.app[DATABASE], refund_id, request[CLIENT])
+    return web.json_response(refund_json(row))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    payment_id = parse_payment_id(request.match_info["payment_id"])
+    await cancel_payment(request.app[DATABASE], payment_id, request[CLIENT])
+    return web.json_response(await get_payment(request.app[DATABASE], payment_id))
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -170,6 +216,10 @@ def add_routes(app: web.Application) -> None:
     # Before /{payment_id}, which would otherwise take "stats" for an id.
     app.router.add_get("/api/payments/stats", stats)
     app.router.add_get("/api/payments/{payment_id}", get_one)
+    app.router.add_post("/api/payments/{payment_id}/refunds", refund)
+    app.router.add_get("/api/payments/{payment_id}/refunds", payment_refunds)
+    app.router.add_post("/api/payments/{payment_id}/cancel", cancel)
+    app.router.add_get("/api/refunds/{refund_id}", get_refund_route)
     app.router.add_get("/api/payments", get_page)
     app.router.add_post("/api/webhooks", webhook)
     app.router.add_get("/api/webhooks/{event_id}", get_webhook)

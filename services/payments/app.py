@@ -3,7 +3,7 @@
 from aiohttp import web
 
 from libs.common.broker.topology import Topology
-from libs.common.messages import PaymentRequested
+from libs.common.messages import PaymentRequested, RefundRequested
 from libs.common.outbox import OutboxRelay, relay_context
 from libs.common.settings import PaymentsSettings
 from libs.common.web import (
@@ -17,6 +17,7 @@ from libs.common.web import (
     provider_client_context,
 )
 from services.payments.charging import PaymentIntake
+from services.payments.refunding import RefundSubmission
 
 
 def _intake(app: web.Application) -> PaymentIntake:
@@ -45,6 +46,13 @@ def create_app(settings: PaymentsSettings, *, topology: Topology | None = None) 
             PaymentRequested,
             lambda app: _intake(app).handle,
             make_batch_handler=lambda app: _intake(app).handle_batch,
+        )
+    )
+    app.cleanup_ctx.append(
+        consumer_context(
+            lambda topology: topology.refund_requested,
+            RefundRequested,
+            lambda app: RefundSubmission(app[DATABASE], app[PROVIDER]).handle,
         )
     )
     # Every replica runs the relay of payment events; one at a time relays (see

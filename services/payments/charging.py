@@ -3,6 +3,8 @@
 1. One transaction for the whole batch: claim the messages in the inbox, then one
    statement inserts the new payments as `pending` with their creation audit rows and
    reads the status of those stored before.
+   A second statement claims the pending ones for charging (libs.common.cancellation):
+   a payment canceled meanwhile is not charged.
 2. Ask the provider to charge every payment still `pending`, concurrently, each with
    its payment id as the provider's idempotency key.
 3. One statement: record the provider's answers through the state machine (`processing`
@@ -27,6 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from libs.common.cancellation import claim_for_charging
 from libs.common.db import Connection, Database
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, PaymentRequested
@@ -69,7 +72,19 @@ class PaymentIntake:
                             extra={"payment_id": str(envelope.payload.payment_id)},
                         )
         # Charged before (a redelivery) or already settled by a webhook: nothing to ask.
-        due = [e for e in unique if stored[e.payload.payment_id].status is PaymentStatus.PENDING]
+        pending = [
+            e.payload.payment_id
+            for e in unique
+            if stored[e.payload.payment_id].status is PaymentStatus.PENDING
+        ]
+        # The claim commits before the provider is asked: a cancel that got in first is
+        # not claimed (and never charged), one that comes after is refused.
+        claimed = (
+            await self.db.statement(lambda conn: claim_for_charging(conn, pending))
+            if pending
+            else set()
+        )
+        due = [e for e in unique if e.payload.payment_id in claimed]
         answers = await asyncio.gather(*(self._charge(envelope) for envelope in due))
         moves = [move for move in answers if move is not None]
         if moves:
@@ -148,6 +163,7 @@ async def store_payments(
                 metadata=p.metadata,
                 created_at=p.requested_at,
                 correlation_id=e.correlation_id,
+                owner=p.owner,
             )
             for e in envelopes
             for p in (e.payload,)

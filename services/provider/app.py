@@ -1,7 +1,8 @@
 """The provider service's application factory.
 
 Besides its API, the simulated PSP runs two background loops, each in its own cleanup
-context: settlement (processing charges reach their final status and queue a webhook)
+context: settlement (processing charges and refunds reach their final status and queue
+a webhook)
 and webhook delivery. On shutdown aiohttp unwinds the contexts in reverse: the loops are
 cancelled first, then the HTTP client and the pool close. Whatever a loop was doing is
 either committed or rolled back, and anything left unfinished is picked up again on the
@@ -26,6 +27,7 @@ from libs.common.web import (
     database_context,
     shutdown_timeout,
 )
+from services.provider import refunds
 from services.provider.charges import SETTLE_BATCH_SIZE, settle_due
 from services.provider.deliveries import DELIVERY_BATCH_SIZE, WebhookTarget, deliver_due
 from services.provider.keys import DELIVERY_TASK, SETTLEMENT_TASK, SIMULATION, WEBHOOK_CLIENT
@@ -52,7 +54,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
         background_context(
             SETTLEMENT_TASK,
             "settlement",
-            lambda: settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE),
+            lambda: _settle_charges_and_refunds(app),
             batch_size=SETTLE_BATCH_SIZE,
             interval=POLL_INTERVAL_SECONDS,
         )
@@ -73,6 +75,13 @@ def create_app(settings: ProviderSettings) -> web.Application:
         )
     )
     return app
+
+
+async def _settle_charges_and_refunds(app: web.Application) -> int:
+    # One loop for both: "a full batch" of either means more is due already.
+    charges = await settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE)
+    settled = await refunds.settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE)
+    return max(charges, settled)
 
 
 def webhook_client_context() -> CleanupContext:

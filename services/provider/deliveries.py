@@ -83,8 +83,10 @@ UPDATE provider.webhook_deliveries AS d
   FROM due
  WHERE d.id = due.id
 RETURNING d.id, d.body, d.attempts, d.next_attempt_at,
-          (SELECT c.correlation_id FROM provider.charges c WHERE c.id = d.charge_id)
-              AS correlation_id
+          coalesce(
+              (SELECT r.correlation_id FROM provider.refunds r WHERE r.id = d.refund_id),
+              (SELECT c.correlation_id FROM provider.charges c WHERE c.id = d.charge_id)
+          ) AS correlation_id
 """
 
 _DROP_SQL = """

@@ -15,6 +15,15 @@ CHARGES_SETTLED = Counter(
     "Charges that reached a final status, by status (succeeded, declined).",
     ["status"],
 )
+REFUNDS_CREATED = Counter(
+    "provider_refunds_total",
+    "Refunds accepted (each settles later, succeeded or failed).",
+)
+REFUNDS_SETTLED = Counter(
+    "provider_refunds_settled_total",
+    "Refunds that reached a final status, by status (succeeded, failed).",
+    ["status"],
+)
 WEBHOOK_DELIVERIES = Counter(
     "provider_webhook_deliveries_total",
     "Webhook delivery attempts and decisions, by outcome"
@@ -27,5 +36,7 @@ for _outcome in ("accepted", "declined"):
     CHARGES_CREATED.labels(outcome=_outcome)
 for _status in ("succeeded", "declined"):
     CHARGES_SETTLED.labels(status=_status)
+for _status in ("succeeded", "failed"):
+    REFUNDS_SETTLED.labels(status=_status)
 for _outcome in ("delivered", "retried", "failed", "dropped", "duplicated"):
     WEBHOOK_DELIVERIES.labels(outcome=_outcome)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from libs.common.errors import ApiError, service_unavailable
 from libs.common.web import DATABASE, read_checked_json
@@ -24,6 +24,16 @@ from services.provider.charges import (
     list_charges,
 )
 from services.provider.keys import SIMULATION
+from services.provider.refunds import (
+    Refund,
+    RefundRefused,
+    RefundRequest,
+    create_refund,
+    find_refunds,
+    get_refund,
+)
+
+M = TypeVar("M", bound=BaseModel)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -36,6 +46,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/charges", create)
     app.router.add_get("/charges", list_for_payment)
     app.router.add_get("/charges/{charge_id}", get_one)
+    app.router.add_post("/refunds", create_refund_route)
+    app.router.add_get("/refunds", list_refunds)
+    app.router.add_get("/refunds/{refund_id}", get_refund_route)
 
 
 def charge_json(charge: Charge) -> dict[str, Any]:
@@ -78,8 +91,12 @@ def _idempotency_key(request: web.Request) -> str:
 
 
 def _charge_request(body: bytes) -> ChargeRequest:
+    return _validated(ChargeRequest, body, "charge")
+
+
+def _validated(model: type[M], body: bytes, what: str) -> M:
     try:
-        return ChargeRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         if any(error["type"] == "json_invalid" for error in errors):
@@ -94,7 +111,7 @@ def _charge_request(body: bytes) -> ChargeRequest:
         ]
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         raise ApiError(
-            400, "validation_error", f"The charge is not valid: {summary}.", details=details
+            400, "validation_error", f"The {what} is not valid: {summary}.", details=details
         ) from None
 
 
@@ -148,3 +165,72 @@ async def list_for_payment(request: web.Request) -> web.Response:
         )
     charges = await list_charges(request.app[DATABASE], payment_id)
     return web.json_response({"data": [charge_json(charge) for charge in charges]})
+
+
+# --- refunds ----------------------------------------------------------------------------------
+
+
+def refund_json(refund: Refund) -> dict[str, Any]:
+    return {
+        "id": refund.id,
+        "charge_id": refund.charge_id,
+        "payment_id": refund.payment_id,
+        "reference": refund.reference,
+        "amount_minor": refund.amount_minor,
+        "currency": refund.currency,
+        "status": refund.status.value,
+        "failure_reason": refund.failure_reason,
+        "created_at": refund.created_at.isoformat(),
+        "settled_at": None if refund.settled_at is None else refund.settled_at.isoformat(),
+    }
+
+
+async def create_refund_route(request: web.Request) -> web.Response:
+    _refuse_if_unavailable(request)
+    key = _idempotency_key(request)
+    refund_request = _validated(RefundRequest, await request.read(), "refund")
+    try:
+        result = await create_refund(
+            request.app[DATABASE], request.app[SIMULATION], key, refund_request
+        )
+    except IdempotencyKeyReused:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
+        ) from None
+    except RefundRefused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    if result.replayed:
+        return web.json_response(
+            refund_json(result.refund), status=200, headers={REPLAYED_HEADER: "true"}
+        )
+    return web.json_response(
+        refund_json(result.refund),
+        status=201,
+        headers={"Location": f"/refunds/{result.refund.id}"},
+    )
+
+
+async def get_refund_route(request: web.Request) -> web.Response:
+    _refuse_if_unavailable(request)
+    refund_id = request.match_info["refund_id"]
+    refund = await get_refund(request.app[DATABASE], refund_id)
+    if refund is None:
+        raise ApiError(404, "refund_not_found", f"There is no refund {refund_id}.")
+    return web.json_response(refund_json(refund))
+
+
+async def list_refunds(request: web.Request) -> web.Response:
+    """Refunds by the merchant's reference (?reference=) and/or of a charge (?charge_id=)."""
+    _refuse_if_unavailable(request)
+    reference = request.query.get("reference") or None
+    charge_id = request.query.get("charge_id") or None
+    if reference is None and charge_id is None:
+        raise ApiError(
+            400,
+            "validation_error",
+            "Say which refunds: ?reference=<your refund id> and/or ?charge_id=<charge id>.",
+        )
+    refunds = await find_refunds(request.app[DATABASE], reference=reference, charge_id=charge_id)
+    return web.json_response({"data": [refund_json(refund) for refund in refunds]})

@@ -27,6 +27,7 @@ class Simulation:
     duplicate_rate: float
     error_rate: float
     seed: int | None = None
+    refund_decline_rate: float = 0.0
     _streams: dict[str, random.Random] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
@@ -38,6 +39,7 @@ class Simulation:
             duplicate_rate=settings.provider_webhook_duplicate_rate,
             error_rate=settings.provider_error_rate,
             seed=settings.provider_seed,
+            refund_decline_rate=settings.provider_refund_decline_rate,
         )
 
     def _roll(self, purpose: str, rate: float) -> bool:
@@ -54,6 +56,10 @@ class Simulation:
     def declines(self) -> bool:
         """Whether a settling charge is declined (PROVIDER_DECLINE_RATE)."""
         return self._roll("decline", self.decline_rate)
+
+    def refund_declines(self) -> bool:
+        """Whether a settling refund fails (PROVIDER_REFUND_DECLINE_RATE)."""
+        return self._roll("refund_decline", self.refund_decline_rate)
 
     def drops(self) -> bool:
         """Whether a new webhook is never sent (PROVIDER_WEBHOOK_DROP_RATE)."""

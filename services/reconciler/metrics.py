@@ -18,6 +18,11 @@ PAYMENTS_SETTLED = Counter(
     "Payments whose status a reconciliation run changed, by the status they moved to.",
     ["to_status"],
 )
+REFUNDS_SETTLED = Counter(
+    "reconciliation_refunds_settled_total",
+    "Refunds a reconciliation run settled (their webhook never came), by outcome.",
+    ["status"],
+)
 LAST_SUCCESSFUL_RUN = Gauge(
     "reconciliation_last_success_timestamp_seconds",
     "When the last reconciliation run (by any replica) finished without errors (Unix time).",
@@ -27,6 +32,10 @@ OLDEST_UNSETTLED_AGE = Gauge(
     "Age of the oldest payment still pending or processing, by status.",
     ["status"],
 )
+OLDEST_PENDING_REFUND_AGE = Gauge(
+    "refunds_oldest_pending_age_seconds",
+    "Age of the oldest refund still pending (0 when none is).",
+)
 
 # Every known label value starts at 0, so rate() and the alerts see the first run too.
 for _trigger in ("cron", "manual"):
@@ -34,3 +43,5 @@ for _trigger in ("cron", "manual"):
         RUNS.labels(trigger=_trigger, outcome=_outcome)
 for _status in ("processing", "completed", "failed"):
     PAYMENTS_SETTLED.labels(to_status=_status)
+for _status in ("succeeded", "failed"):
+    REFUNDS_SETTLED.labels(status=_status)

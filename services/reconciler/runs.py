@@ -17,6 +17,9 @@ the reconciler's late verdict is refused, not applied.
   id) while it is young; marked failed with the reason once it is too old;
 - the provider cannot be reached: the payment is left alone and the error recorded; the
   run ends `partial`, and the next run tries again.
+
+Then the refunds still pending past the same age (services.reconciler.refund_runs), counted
+in the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 import uuid
 from typing import Any
 
+from libs.common.cancellation import claim_for_charging
 from libs.common.db import Connection, Database
 from libs.common.messages import Envelope
 from libs.common.payments_store import (
@@ -60,6 +64,7 @@ from services.reconciler.metrics import (
     RUN_DURATION,
     RUNS,
 )
+from services.reconciler.refund_runs import settle_stale_refunds
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ class Reconciler:
                 await self._record(summary, finished=False)
                 try:
                     await self._walk(summary)
+                    await self._walk_refunds(summary)
                     summary.status = "partial" if summary.errors else "completed"
                 except Exception as exc:
                     log.exception("reconciliation run failed")
@@ -151,6 +157,26 @@ class Reconciler:
                 checks = [group.create_task(check(candidate)) for candidate in batch]
             await self._settle(summary, [move for c in checks if (move := c.result())])
 
+    async def _walk_refunds(self, summary: RunSummary) -> None:
+        def count(outcome: str, error: str | None) -> None:
+            summary.checked += 1
+            if outcome == "updated":
+                summary.updated += 1
+            elif outcome == "unchanged":
+                summary.unchanged += 1
+            else:
+                summary.add_error("", error or outcome)
+
+        await settle_stale_refunds(
+            self.db,
+            self.provider,
+            run_id=summary.run_id,
+            min_age_seconds=self.policy.min_age_seconds,
+            batch_size=self.policy.batch_size,
+            concurrency=self.policy.concurrency,
+            count=count,
+        )
+
     async def _next_batch(
         self, cutoff: dt.datetime, after: tuple[dt.datetime, uuid.UUID] | None
     ) -> tuple[list[Unsettled], tuple[dt.datetime, uuid.UUID] | None]:
@@ -197,6 +223,11 @@ class Reconciler:
                 f"provider has no charge after {int(payment.age_seconds)} s",
                 None,
             )
+        # Claimed first, as the payments service does: a payment canceled since it was
+        # read is not submitted.
+        claimed = await self.db.statement(lambda conn: claim_for_charging(conn, [payment.id]))
+        if payment.id not in claimed:
+            return None, "no longer pending", None
         charge = await self.provider.create_charge(
             payment_id=payment.id,
             reference=payment.reference,

@@ -12,8 +12,13 @@ from croniter import croniter
 from libs.common.db import Database
 from libs.common.payments_store import oldest_unsettled_ages
 from libs.common.reconciler_store import last_completed_at
+from libs.common.refunds import oldest_pending_age
 from libs.common.states import PaymentStatus
-from services.reconciler.metrics import LAST_SUCCESSFUL_RUN, OLDEST_UNSETTLED_AGE
+from services.reconciler.metrics import (
+    LAST_SUCCESSFUL_RUN,
+    OLDEST_PENDING_REFUND_AGE,
+    OLDEST_UNSETTLED_AGE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,4 +49,5 @@ async def measure_backlog(db: Database) -> int:
     ages = await oldest_unsettled_ages(db)
     for status in (PaymentStatus.PENDING, PaymentStatus.PROCESSING):
         OLDEST_UNSETTLED_AGE.labels(status=status.value).set(ages.get(status, 0.0))
+    OLDEST_PENDING_REFUND_AGE.set(await oldest_pending_age(db))
     return 0

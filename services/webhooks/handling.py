@@ -15,6 +15,9 @@ What can become of an event:
 - rejected: it names no valid payment id, or a payment whose reference (or charge)
   differs from the event's;
 - ignored: an event type this platform does not act on;
+- a refund event (refund.succeeded / refund.failed) settles the refund its
+  data.refund_id names, which moves the payment if it succeeded; applied once, refused
+  when the refund had settled before (a duplicate, or the reconciler was first);
 - orphaned: no such payment yet (the webhook beat the payment). Tried again with a
   growing delay; if the payment never appears it stays orphaned, counted and visible.
 """
@@ -34,6 +37,7 @@ from libs.common.db import Connection, Database
 from libs.common.logs import correlation_scope
 from libs.common.messages import Envelope, WebhookReceived
 from libs.common.payments_store import charge_holder, charge_identities
+from libs.common.refunds import settle_refund
 from libs.common.state_machine import Transition, TransitionRequest, apply_transitions
 from libs.common.states import PaymentStatus, TransitionSource
 from libs.common.webhook_events import InvalidEvent, ProviderEvent, parse_event
@@ -150,6 +154,8 @@ class _Decision:
     payment_id: uuid.UUID | None = None
     # The move to make, when the event is to be applied.
     move: TransitionRequest | None = None
+    # A refund event to settle, once its payment checked out.
+    refund: bool = False
 
 
 async def apply_event(conn: Connection, event: ProviderEvent) -> str:
@@ -177,6 +183,10 @@ async def apply_events(
             events, correlation_ids or [None] * len(events), strict=True
         )
     ]
+    for i, decision in enumerate(decisions):
+        if decision.refund:
+            with correlation_scope(correlation_ids[i] if correlation_ids else None):
+                decisions[i] = await _settle_refund(conn, events[i], decision)
     # One move per payment per statement: a payment's second event waits for the next round.
     pending = [i for i, d in enumerate(decisions) if d.move is not None]
     while pending:
@@ -203,6 +213,40 @@ async def apply_events(
     return [d.status for d in decisions]
 
 
+async def _settle_refund(conn: Connection, event: ProviderEvent, decision: _Decision) -> _Decision:
+    """Settle the refund a refund event names (which moves its payment if it succeeded)."""
+    refund_id = event.refund_id
+    if refund_id is None or event.refund_outcome is None:
+        raise ValueError("not a refund event")
+    settled = await settle_refund(
+        conn,
+        refund_id,
+        succeeded=event.refund_outcome,
+        source=TransitionSource.WEBHOOK,
+        reason=f"webhook {event.provider}:{event.provider_event_id}",
+        failure_reason=event.failure_reason,
+        provider_refund_id=event.provider_refund_id,
+        of_payment=decision.payment_id,
+    )
+    if not settled.found:
+        return _Decision(
+            "rejected",
+            f"no refund {refund_id} of payment {decision.payment_id}",
+            decision.payment_id,
+        )
+    if not settled.applied:
+        return _Decision("refused", f"refund {refund_id} had settled before", decision.payment_id)
+    if settled.transition is not None and not settled.transition.applied:
+        # The refund is recorded; the payment's move was refused (recorded in its audit).
+        return _Decision(
+            "refused",
+            f"refund {refund_id} recorded; payment not allowed from"
+            f" {settled.transition.from_status} to {settled.transition.to_status}",
+            decision.payment_id,
+        )
+    return _Decision("applied", None, decision.payment_id)
+
+
 def _outcome(event: ProviderEvent, transition: Transition) -> _Decision:
     if not transition.found:
         # Deleted since we looked: as if it never came.
@@ -223,7 +267,7 @@ async def _decide(
     correlation_id: str | None,
 ) -> _Decision:
     target, payment_id = event.target, event.payment_id
-    if target is None:
+    if target is None and event.refund_outcome is None:
         return _Decision(
             "ignored", f"event type {event.event_type!r} is not one this platform acts on"
         )
@@ -242,6 +286,14 @@ async def _decide(
     conflict = await _charge_conflict(conn, payment_id, payment, event.provider_reference)
     if conflict:
         return _Decision("rejected", conflict, payment_id)
+    if target is None:
+        if event.refund_id is None:
+            return _Decision(
+                "rejected",
+                f"data.refund_id {event.claimed_refund_id!r} is not a UUID",
+                payment_id,
+            )
+        return _Decision("applying", None, payment_id, refund=True)
     move = TransitionRequest(
         payment_id,
         target,

@@ -254,6 +254,22 @@ RULE_TESTS = [
         "PaymentPendingTooLong",
         [],
     ),
+    # A refund pending past 3 hours, seen by one reconciler replica of two.
+    _rule_test(
+        {
+            'refunds_oldest_pending_age_seconds{instance="a"}': "11000+60x30",
+            'refunds_oldest_pending_age_seconds{instance="b"}': "0x30",
+        },
+        "15m",
+        "RefundPendingTooLong",
+        [{"severity": "warning"}],
+    ),
+    _rule_test(
+        {'refunds_oldest_pending_age_seconds{instance="a"}': "600+60x30"},
+        "15m",
+        "RefundPendingTooLong",
+        [],
+    ),
     # Last success at 1 min; another replica that has not measured yet reports 0.
     _rule_test(
         {

@@ -71,6 +71,8 @@ EXPECTED_TABLES = {
     "webhooks.webhook_stats",
     "provider.charges",
     "provider.webhook_deliveries",
+    "provider.refunds",
+    "payments.refunds",
     "payments.payments",
     "payments.payment_events",
     "payments.inbox",

@@ -114,6 +114,23 @@ class Gateway:
     async def payments(self, query: Mapping[str, str]) -> Any:
         return (await self.request("GET", "/api/payments", params=query)).body
 
+    async def refund(
+        self, payment_id: str, body: dict[str, Any], idempotency_key: str | None
+    ) -> Reply:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
+        path = f"/api/payments/{_segment(payment_id)}/refunds"
+        return await self.request("POST", path, json_body=body, headers=headers)
+
+    async def refunds(self, payment_id: str) -> Any:
+        return (await self.request("GET", f"/api/payments/{_segment(payment_id)}/refunds")).body
+
+    async def refund_by_id(self, refund_id: str) -> Any:
+        return (await self.request("GET", f"/api/refunds/{_segment(refund_id)}")).body
+
+    async def cancel(self, payment_id: str) -> Any:
+        path = f"/api/payments/{_segment(payment_id)}/cancel"
+        return (await self.request("POST", path)).body
+
     async def stats(self) -> Any:
         return (await self.request("GET", "/api/payments/stats")).body
 

@@ -21,15 +21,15 @@ from tools.paymentsctl.errors import CtlError, Usage
 from tools.paymentsctl.output import Output
 
 PROG = "paymentsctl"
-STATUSES = ("pending", "processing", "completed", "failed", "refunded")
+STATUSES = tuple(status.value for status in PaymentStatus)
 # Every status has its event, so a status added to the lifecycle is listed here at once.
 EVENT_TYPES = tuple(payment_event_type(status) for status in PaymentStatus)
 SCHEMES = ("seed", "standard", "both")
 
 DESCRIPTION = """\
-Operate the payments platform: pay, look payments up, read the stats, sign and send
-webhooks, run a reconciliation, follow payment events, and inspect or replay parked
-messages.
+Operate the payments platform: pay, refund, cancel, look payments up, read the stats,
+sign and send webhooks, run a reconciliation, follow payment events, and inspect or
+replay parked messages.
 
 Configuration comes from the environment (PAYMENTS_URL, PAYMENTS_API_KEY, WEBHOOK_SECRET,
 RABBITMQ_URL); the options below override it. Options such as --json may be given
@@ -201,6 +201,49 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="follow the cursor through every page")
     listing.set_defaults(handler=commands.payments_list)
 
+    refund = command(
+        subcommands,
+        "refund",
+        "refund a payment, in part or in full (POST /api/payments/{id}/refunds)",
+        "Ask for a refund of a completed (or partially refunded) payment. Without --amount,"
+        " what is left to refund. The refund is pending until the provider settles it;"
+        " follow it with `refunds get`.",
+    )
+    refund.add_argument("payment_id", metavar="PAYMENT_ID", help="the payment's id")
+    refund.add_argument(
+        "--amount", help="e.g. 25.00, in the payment's currency (default: what is left)"
+    )
+    refund.add_argument("--reason", help="why, up to 500 characters")
+    refund.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="retrying with the same key never creates a second refund",
+    )
+    refund.set_defaults(handler=commands.refund)
+
+    refunds = command(subcommands, "refunds", "look refunds up")
+    refunds_commands = refunds.add_subparsers(
+        dest="refunds_command", required=True, metavar="COMMAND"
+    )
+    refunds_list = command(
+        refunds_commands, "list", "a payment's refunds (GET /api/payments/{id}/refunds)"
+    )
+    refunds_list.add_argument("payment_id", metavar="PAYMENT_ID")
+    refunds_list.set_defaults(handler=commands.refunds_list)
+    refunds_get = command(refunds_commands, "get", "one refund (GET /api/refunds/{id})")
+    refunds_get.add_argument("id", metavar="REFUND_ID")
+    refunds_get.set_defaults(handler=commands.refunds_get)
+
+    cancel = command(
+        subcommands,
+        "cancel",
+        "cancel a payment not charged yet (POST /api/payments/{id}/cancel)",
+        "Cancel a pending payment the provider has not been asked to charge; it will never"
+        " be. Refused (exit 1, payment_not_cancelable) once charging began.",
+    )
+    cancel.add_argument("payment_id", metavar="PAYMENT_ID", help="the payment's id")
+    cancel.set_defaults(handler=commands.cancel)
+
     stats = command(
         subcommands, "stats", "counts and amounts by status and currency (GET /api/payments/stats)"
     )
@@ -302,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dlq",
         "parked messages: list, show, replay, purge",
         "Inspect and operate the parking queues (through RabbitMQ, RABBITMQ_URL). A queue"
-        " is named as payment-requested, webhook-received or reconciliation-requested, or"
-        " by its full name.",
+        " is named as payment-requested, webhook-received, reconciliation-requested or"
+        " refund-requested, or by its full name.",
     )
     parking_commands = parking.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
     dlq_list = command(parking_commands, "list", "parked messages with why they were parked")

@@ -1,4 +1,5 @@
-"""The commands that talk to the gateway: pay, payments, stats, webhook, reconcile."""
+"""The commands that talk to the gateway: pay, payments, refund(s), cancel, stats, webhook,
+reconcile."""
 
 from __future__ import annotations
 
@@ -88,6 +89,41 @@ async def payments_list(args: argparse.Namespace, ctx: Context) -> int:
                 data += page.get("data") or []
             page = {"data": data, "next_cursor": None}
     ctx.out.show(page, output.payment_list(page.get("data") or [], page.get("next_cursor")))
+    return OK
+
+
+async def refund(args: argparse.Namespace, ctx: Context) -> int:
+    body: dict[str, Any] = {}
+    if args.amount is not None:
+        # The string typed, so the gateway reads it exactly.
+        body["amount"] = args.amount
+    if args.reason is not None:
+        body["reason"] = args.reason
+    async with ctx.gateway() as gateway:
+        reply = await gateway.refund(args.payment_id, body, args.idempotency_key)
+    replayed = reply.headers.get("Idempotent-Replayed") == "true"
+    ctx.out.show(reply.body, output.refund_accepted(reply.body, replayed=replayed))
+    return OK
+
+
+async def refunds_list(args: argparse.Namespace, ctx: Context) -> int:
+    async with ctx.gateway() as gateway:
+        page = await gateway.refunds(args.payment_id)
+    ctx.out.show(page, output.refund_list(page.get("data") or []))
+    return OK
+
+
+async def refunds_get(args: argparse.Namespace, ctx: Context) -> int:
+    async with ctx.gateway() as gateway:
+        body = await gateway.refund_by_id(args.id)
+    ctx.out.show(body, output.refund_fields(body))
+    return OK
+
+
+async def cancel(args: argparse.Namespace, ctx: Context) -> int:
+    async with ctx.gateway() as gateway:
+        payment = await gateway.cancel(args.payment_id)
+    ctx.out.show(payment, output.payment_detail(payment))
     return OK
 
 

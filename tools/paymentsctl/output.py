@@ -193,6 +193,44 @@ def event_line(event: Mapping[str, Any]) -> str:
     return "  ".join(cell(value) for value in event_row(event))
 
 
+# --- refunds ----------------------------------------------------------------------------------
+
+
+def refund_fields(refund: Mapping[str, Any]) -> str:
+    return fields(
+        [
+            ("id", refund.get("id")),
+            ("payment", refund.get("payment_id")),
+            ("status", refund.get("status")),
+            ("amount", _amount(refund)),
+            ("reason", refund.get("reason")),
+            ("failure reason", refund.get("failure_reason")),
+            ("provider refund", refund.get("provider_refund_id")),
+            ("created", refund.get("created_at")),
+            ("settled", refund.get("settled_at")),
+        ]
+    )
+
+
+def refund_accepted(refund: Mapping[str, Any], *, replayed: bool) -> str:
+    head = (
+        "refund accepted (replayed: the first answer to this idempotency key)"
+        if replayed
+        else "refund accepted"
+    )
+    return f"{head}\n{refund_fields(refund)}"
+
+
+def refund_list(refunds: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        [r.get("id"), r.get("status"), r.get("amount"), r.get("currency"), r.get("created_at")]
+        for r in refunds
+    ]
+    if not rows:
+        return "no refunds"
+    return table(["id", "status", "amount", "currency", "created"], rows, right=[2])
+
+
 # --- stats ------------------------------------------------------------------------------------
 
 
@@ -213,6 +251,8 @@ def stats(body: Mapping[str, Any]) -> str:
     ]
     by_currency = payments.get("by_currency") or {}
     currency_rows = [[c, e.get("count"), e.get("amount")] for c, e in by_currency.items()]
+    refunded = (body.get("refunds") or {}).get("refunded") or {}
+    refund_rows = [[c, e.get("count"), e.get("amount")] for c, e in refunded.items()]
     webhooks = body.get("webhooks") or {}
     webhook_rows = [[s, n] for s, n in (webhooks.get("by_status") or {}).items()]
     last = body.get("last_reconciliation")
@@ -224,6 +264,10 @@ def stats(body: Mapping[str, Any]) -> str:
         parts.append(table(["status", "count", "amounts"], status_rows, right=[1]))
     if currency_rows:
         parts.append(table(["currency", "count", "amount"], currency_rows, right=[1, 2]))
+    if refund_rows:
+        parts.append(
+            "refunded:\n" + table(["currency", "refunds", "amount"], refund_rows, right=[1, 2])
+        )
     parts.append(f"webhooks: {cell(webhooks.get('total'))}")
     if webhook_rows:
         parts.append(table(["status", "count"], webhook_rows, right=[1]))

@@ -24,7 +24,13 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, ExchangeType
 from pamqp.common import Arguments
 
-from libs.common.messages import Payload, PaymentRequested, ReconciliationRequested, WebhookReceived
+from libs.common.messages import (
+    Payload,
+    PaymentRequested,
+    ReconciliationRequested,
+    RefundRequested,
+    WebhookReceived,
+)
 
 DEFAULT_NAMESPACE = "platform"
 DEFAULT_DELIVERY_LIMIT = 5
@@ -71,8 +77,17 @@ class Topology:
         return self.queue_for(ReconciliationRequested)
 
     @property
+    def refund_requested(self) -> QueueSpec:
+        return self.queue_for(RefundRequested)
+
+    @property
     def queues(self) -> tuple[QueueSpec, ...]:
-        return (self.payment_requested, self.webhook_received, self.reconciliation_requested)
+        return (
+            self.payment_requested,
+            self.webhook_received,
+            self.reconciliation_requested,
+            self.refund_requested,
+        )
 
     def queue_arguments(self, queue: QueueSpec) -> Arguments:
         return {
