@@ -9,6 +9,7 @@ import dataclasses
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -68,28 +69,40 @@ async def payments_get(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def payments_list(args: argparse.Namespace, ctx: Context) -> int:
-    query = {
-        name: str(value)
-        for name, value in (
-            ("status", args.status),
-            ("customer_id", args.customer),
-            ("created_from", args.created_from),
-            ("created_to", args.created_to),
-            ("limit", args.limit),
-            ("cursor", args.cursor),
-        )
-        if value is not None
-    }
+    query = list_query(args, status=args.status, customer_id=args.customer)
     async with ctx.gateway() as gateway:
-        page = await gateway.payments(query)
-        if args.all:
-            data = list(page.get("data") or [])
-            while page.get("next_cursor"):
-                page = await gateway.payments({**query, "cursor": page["next_cursor"]})
-                data += page.get("data") or []
-            page = {"data": data, "next_cursor": None}
+        page = await list_pages(gateway.payments, query, every=args.all)
     ctx.out.show(page, output.payment_list(page.get("data") or [], page.get("next_cursor")))
     return OK
+
+
+def list_query(args: argparse.Namespace, **filters: object) -> dict[str, str]:
+    """A list route's query string: the given filters plus the shared range and paging ones."""
+    given = {
+        **filters,
+        "created_from": args.created_from,
+        "created_to": args.created_to,
+        "limit": args.limit,
+        "cursor": args.cursor,
+    }
+    return {name: str(value) for name, value in given.items() if value is not None}
+
+
+async def list_pages(
+    fetch: Callable[[dict[str, str]], Awaitable[dict[str, Any]]],
+    query: dict[str, str],
+    *,
+    every: bool,
+) -> dict[str, Any]:
+    """One page of a cursor-paginated list, or with `every` all of them as one page."""
+    page = await fetch(query)
+    if not every:
+        return page
+    data = list(page.get("data") or [])
+    while page.get("next_cursor"):
+        page = await fetch({**query, "cursor": page["next_cursor"]})
+        data += page.get("data") or []
+    return {"data": data, "next_cursor": None}
 
 
 async def refund(args: argparse.Namespace, ctx: Context) -> int:

@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from libs.common.broker.topology import Topology
 from libs.common.messages import MessageDecodeError, PaymentEvent, decode
 from tools.paymentsctl import output
-from tools.paymentsctl.commands import Context
+from tools.paymentsctl.commands import Context, list_pages, list_query
 from tools.paymentsctl.dlq import _redacted as redacted
 from tools.paymentsctl.errors import OK, Unreachable, Usage
 
@@ -27,26 +27,9 @@ ALL_EVENTS = "payment.#"
 
 
 async def events_list(args: argparse.Namespace, ctx: Context) -> int:
-    query = {
-        name: str(value)
-        for name, value in (
-            ("type", args.type),
-            ("payment_id", args.payment),
-            ("created_from", args.created_from),
-            ("created_to", args.created_to),
-            ("limit", args.limit),
-            ("cursor", args.cursor),
-        )
-        if value is not None
-    }
+    query = list_query(args, type=args.type, payment_id=args.payment)
     async with ctx.gateway() as gateway:
-        page = await gateway.events(query)
-        if args.all:
-            data = list(page.get("data") or [])
-            while page.get("next_cursor"):
-                page = await gateway.events({**query, "cursor": page["next_cursor"]})
-                data += page.get("data") or []
-            page = {"data": data, "next_cursor": None}
+        page = await list_pages(gateway.events, query, every=args.all)
     ctx.out.show(page, output.event_list(page.get("data") or [], page.get("next_cursor")))
     return OK
 
