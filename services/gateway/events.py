@@ -8,11 +8,7 @@ the relay keeps them at least EVENT_RETENTION_DAYS.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import datetime as dt
-import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +22,7 @@ from libs.common.messages import payment_event_type
 from libs.common.outbox import event_envelope
 from libs.common.payments_store import EventFilter, event_by_id, list_events
 from libs.common.states import PaymentStatus
+from services.gateway.listing import decode_cursor, encode_cursor, query_refused
 
 EVENT_TYPES = frozenset(payment_event_type(status) for status in PaymentStatus)
 
@@ -41,40 +38,10 @@ class EventsQuery(BaseModel):
     cursor: str | None = None
 
 
-def _invalid(exc: ValidationError) -> ApiError:
-    details = [
-        {
-            "field": ".".join(str(p) for p in e["loc"]),
-            "code": "unknown_parameter" if e["type"] == "extra_forbidden" else "invalid_value",
-            "message": e["msg"],
-        }
-        for e in exc.errors(include_url=False, include_input=False)
-    ]
-    first = details[0]
-    return ApiError(
-        400,
-        first["code"] if first["code"] == "unknown_parameter" else "invalid_query",
-        f"{first['field']}: {first['message']}.",
-        details=details,
-    )
-
-
-def encode_cursor(created_at: dt.datetime, row_id: int) -> str:
-    raw = json.dumps([created_at.isoformat(), row_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[dt.datetime, int]:
-    invalid = ApiError(400, "invalid_cursor", "cursor must be a next_cursor from an earlier page.")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, row_id = json.loads(raw)
-        position = dt.datetime.fromisoformat(created_at), row_id
-    except (ValueError, TypeError, binascii.Error):
-        raise invalid from None
-    if position[0].tzinfo is None or not isinstance(row_id, int) or isinstance(row_id, bool):
-        raise invalid
-    return position
+def _event_key(raw: object) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise TypeError("an event cursor's key is its row id")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,7 +54,7 @@ def parse_events_query(params: Mapping[str, str]) -> EventsPage:
     try:
         query = EventsQuery.model_validate(dict(params))
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise query_refused(exc) from None
     if query.type is not None and query.type not in EVENT_TYPES:
         known = ", ".join(sorted(EVENT_TYPES))
         raise ApiError(400, "invalid_query", f"type: {query.type!r} is not one of {known}.")
@@ -96,7 +63,7 @@ def parse_events_query(params: Mapping[str, str]) -> EventsPage:
         payment_id=query.payment_id,
         created_from=query.created_from,
         created_to=query.created_to,
-        before=decode_cursor(query.cursor) if query.cursor is not None else None,
+        before=decode_cursor(query.cursor, _event_key) if query.cursor is not None else None,
     )
     return EventsPage(where, query.limit)
 

@@ -8,10 +8,6 @@ at ten.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
-import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +18,6 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from libs.common import payments_store
 from libs.common.db import Connection, Database
 from libs.common.errors import ApiError
-from libs.common.json_body import check_json
 from libs.common.money import format_minor_units
 from libs.common.payments_store import (
     PaymentFilter,
@@ -33,6 +28,7 @@ from libs.common.reconciler_store import latest_run
 from libs.common.refunds import refunded_by_currency
 from libs.common.states import PaymentStatus
 from libs.common.webhooks_store import counts_by_status
+from services.gateway.listing import decode_cursor, encode_cursor, query_refused
 from services.gateway.reconciliations import run_json
 
 
@@ -110,45 +106,17 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     try:
         return ListQuery.model_validate(dict(params))
     except ValidationError as exc:
-        details = [
-            {
-                "field": ".".join(str(p) for p in e["loc"]),
-                "code": "unknown_parameter" if e["type"] == "extra_forbidden" else "invalid_value",
-                "message": e["msg"],
-            }
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        first = details[0]
-        raise ApiError(
-            400,
-            first["code"] if first["code"] == "unknown_parameter" else "invalid_query",
-            f"{first['field']}: {first['message']}.",
-            details=details,
-        ) from None
+        raise query_refused(exc) from None
 
 
-def encode_cursor(created_at: dt.datetime, payment_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(payment_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        # A cursor comes from the client: checked like a body, so no nesting is a 500.
-        created_at, payment_id = json.loads(check_json(raw))
-        position = dt.datetime.fromisoformat(created_at), uuid.UUID(payment_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise ApiError(
-            400, "invalid_cursor", "cursor must be a next_cursor from an earlier page."
-        ) from None
-    if position[0].tzinfo is None:
-        raise ApiError(400, "invalid_cursor", "cursor must be a next_cursor from an earlier page.")
-    return position
+def _payment_key(raw: object) -> uuid.UUID:
+    if not isinstance(raw, str):
+        raise TypeError("a payment cursor's key is its id as text")
+    return uuid.UUID(raw)
 
 
 async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
-    before = decode_cursor(query.cursor) if query.cursor is not None else None
+    before = decode_cursor(query.cursor, _payment_key) if query.cursor is not None else None
     rows = await payments_store.list_payments(
         db,
         PaymentFilter(
@@ -164,7 +132,7 @@ async def list_payments(db: Database, query: ListQuery) -> dict[str, Any]:
     more = len(rows) > query.limit
     return {
         "data": [payment_json(row) for row in page],
-        "next_cursor": encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None,
+        "next_cursor": encode_cursor(page[-1]["created_at"], str(page[-1]["id"])) if more else None,
     }
 
 

@@ -326,10 +326,11 @@ async def test_unsigned_deep_webhook_is_still_401_before_any_parsing(gateway: Ga
 # --- JSON in a query: the list's cursor --------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["/api/payments", "/api/events"])
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 3000])
-async def test_a_deeply_nested_cursor_is_400(gateway: Gateway, depth: int) -> None:
+async def test_a_deeply_nested_cursor_is_400(gateway: Gateway, path: str, depth: int) -> None:
     """A cursor is base64 JSON the client hands back; 3,000 levels fit in a URL and
     used to end in a RecursionError (500)."""
     cursor = base64.urlsafe_b64encode(nested_list(depth)).decode().rstrip("=")
-    answer = await gateway.call("GET", f"/api/payments?cursor={cursor}")
+    answer = await gateway.call("GET", f"{path}?cursor={cursor}")
     assert (answer.status, answer.body["error"]) == (400, "invalid_cursor")
