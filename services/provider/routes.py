@@ -39,7 +39,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
 # A charge request is a few hundred bytes.
-MAX_CHARGE_BYTES = 64 * 1024
+# A charge or refund request is a handful of fields; nothing legitimate comes near this.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -118,26 +119,29 @@ def _validated(model: type[M], body: bytes, what: str) -> M:
 async def create(request: web.Request) -> web.Response:
     _refuse_if_unavailable(request)
     key = _idempotency_key(request)
-    charge_request = _charge_request(await read_checked_json(request, MAX_CHARGE_BYTES))
+    charge_request = _charge_request(await read_checked_json(request, MAX_REQUEST_BYTES))
     try:
         result = await create_charge(
             request.app[DATABASE], request.app[SIMULATION], key, charge_request
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
-        ) from None
-    if result.replayed:
-        return web.json_response(
-            charge_json(result.charge), status=200, headers={REPLAYED_HEADER: "true"}
-        )
-    return web.json_response(
-        charge_json(result.charge),
-        status=201,
-        headers={"Location": f"/charges/{result.charge.id}"},
+        raise _key_reused() from None
+    return _created(charge_json(result.charge), f"/charges/{result.charge.id}", result.replayed)
+
+
+def _key_reused() -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
     )
+
+
+def _created(body: dict[str, Any], location: str, replayed: bool) -> web.Response:
+    """201 with its Location the first time; 200 marked as replayed for the same key again."""
+    if replayed:
+        return web.json_response(body, status=200, headers={REPLAYED_HEADER: "true"})
+    return web.json_response(body, status=201, headers={"Location": location})
 
 
 async def get_one(request: web.Request) -> web.Response:
@@ -188,28 +192,17 @@ def refund_json(refund: Refund) -> dict[str, Any]:
 async def create_refund_route(request: web.Request) -> web.Response:
     _refuse_if_unavailable(request)
     key = _idempotency_key(request)
-    refund_request = _validated(RefundRequest, await request.read(), "refund")
+    body = await read_checked_json(request, MAX_REQUEST_BYTES)
+    refund_request = _validated(RefundRequest, body, "refund")
     try:
         result = await create_refund(
             request.app[DATABASE], request.app[SIMULATION], key, refund_request
         )
     except IdempotencyKeyReused:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
-        ) from None
+        raise _key_reused() from None
     except RefundRefused as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    if result.replayed:
-        return web.json_response(
-            refund_json(result.refund), status=200, headers={REPLAYED_HEADER: "true"}
-        )
-    return web.json_response(
-        refund_json(result.refund),
-        status=201,
-        headers={"Location": f"/refunds/{result.refund.id}"},
-    )
+    return _created(refund_json(result.refund), f"/refunds/{result.refund.id}", result.replayed)
 
 
 async def get_refund_route(request: web.Request) -> web.Response:
