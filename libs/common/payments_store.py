@@ -104,6 +104,27 @@ class PaymentFilter:
 
 async def list_payments(db: Database, where: PaymentFilter, limit: int) -> list[Record]:
     """Payments matching `where`, newest first (created_at, id), at most `limit`."""
+    equal = {
+        "status": None if where.status is None else where.status.value,
+        "customer_id": where.customer_id,
+    }
+    sql, args = _newest_first_page(
+        f"SELECT {PAYMENT_COLUMNS} FROM payments.payments",  # noqa: S608 - constant columns
+        equal,
+        where,
+        limit,
+    )
+    return await db.fetch(sql, *args)
+
+
+def _newest_first_page(
+    select: str,
+    equal: dict[str, Any],
+    where: PaymentFilter | EventFilter,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """`select` narrowed to the rows whose columns equal the given (non-None) values, created
+    in [created_from, created_to), before the cursor's (created_at, id); newest first."""
     conditions: list[str] = []
     args: list[Any] = []
 
@@ -111,10 +132,9 @@ async def list_payments(db: Database, where: PaymentFilter, limit: int) -> list[
         args.append(value)
         conditions.append(template.format(f"${len(args)}"))
 
-    if where.status is not None:
-        condition("status = {}", where.status.value)
-    if where.customer_id is not None:
-        condition("customer_id = {}", where.customer_id)
+    for column, value in equal.items():
+        if value is not None:
+            condition(column + " = {}", value)
     if where.created_from is not None:
         condition("created_at >= {}", where.created_from)
     if where.created_to is not None:
@@ -124,11 +144,11 @@ async def list_payments(db: Database, where: PaymentFilter, limit: int) -> list[
         conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
     args.append(limit)
     sql = (
-        f"SELECT {PAYMENT_COLUMNS} FROM payments.payments"  # noqa: S608 - built from fixed fragments; values are bound
+        select  # built from fixed fragments; every value is bound
         + (" WHERE " + " AND ".join(conditions) if conditions else "")
         + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
     )
-    return await db.fetch(sql, *args)
+    return sql, args
 
 
 async def counts_by_status_and_currency(conn: Connection) -> list[Record]:
@@ -255,29 +275,12 @@ class EventFilter:
 
 async def list_events(db: Database, where: EventFilter, limit: int) -> list[Record]:
     """Outbox events matching `where`, newest first (created_at, id), at most `limit`."""
-    conditions: list[str] = []
-    args: list[Any] = []
-
-    def condition(template: str, value: Any) -> None:
-        args.append(value)
-        conditions.append(template.format(f"${len(args)}"))
-
-    if where.type is not None:
-        condition("type = {}", where.type)
-    if where.payment_id is not None:
-        condition("payment_id = {}", where.payment_id)
-    if where.created_from is not None:
-        condition("created_at >= {}", where.created_from)
-    if where.created_to is not None:
-        condition("created_at < {}", where.created_to)
-    if where.before is not None:
-        args.extend(where.before)
-        conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
-    args.append(limit)
-    sql = (
-        f"SELECT {EVENT_COLUMNS} FROM payments.outbox"  # noqa: S608 - built from fixed fragments; values are bound
-        + (" WHERE " + " AND ".join(conditions) if conditions else "")
-        + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+    equal = {"type": where.type, "payment_id": where.payment_id}
+    sql, args = _newest_first_page(
+        f"SELECT {EVENT_COLUMNS} FROM payments.outbox",  # noqa: S608 - constant columns
+        equal,
+        where,
+        limit,
     )
     return await db.fetch(sql, *args)
 
