@@ -9,7 +9,8 @@ removed again, pass or fail:
   says which), starts a dockerd of its own (`Dockerd`), and on exit removes every
   container, volume, network and image it made, stops that dockerd, deletes its
   directories and bridges, and checks the host's `ip_forward`, iptables and `docker0`
-  are as they were. SIGTERM and SIGHUP during the session end it the same way.
+  are as they were. SIGTERM and SIGHUP during the session end it the same way. One
+  session runs at a time on a machine; a second waits for the first to end.
 - `Dockerd`: `--data-root`, `--exec-root`, `--pidfile` and a socket of its own
   (`DOCKER_HOST` in `Dockerd.env`), its own containerd, no iptables rules, no
   `ip_forward`, no `docker0` (`--iptables=false --ip-forward=false --bridge=none`):
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -81,6 +83,8 @@ STANDINS = {
 # Where every session keeps its daemon's state; a session killed outright leaves its
 # directory, and the next one removes it (stopping that daemon first).
 STATE_ROOT = Path("/var/tmp/payments-compose-test")  # noqa: S108  # root-only, fixed on purpose: found again after a crash
+# Held for a whole session: one session at a time on a machine (see `_one_session_at_a_time`).
+SESSION_LOCK = Path("/run/payments-compose-test.lock")
 # The environment variables a build may need to reach a registry through the host's way.
 PASSED_ON = (
     "http_proxy",
@@ -641,9 +645,31 @@ def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
+def _one_session_at_a_time() -> Iterator[None]:
+    """Two sessions at once would collide on what the host shares: both daemons pick
+    their compose networks' subnets from the same default pools (the same routes on two
+    bridges), and each session, checking at its end that the host has no link it did
+    not have before, would take the other's bridges and veths for its own leftovers and
+    delete them. So a session waits for the one before it (the kernel drops the lock of
+    a session killed outright)."""
+    with SESSION_LOCK.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another compose session runs on this machine: waiting until it ends")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def docker_session(workdir: Path) -> Iterator[Dockerd]:
     """A private dockerd for the block; afterwards nothing of it is left (see module doc)."""
     check_available()
+    with _one_session_at_a_time():
+        yield from _session(workdir)
+
+
+def _session(workdir: Path) -> Iterator[Dockerd]:
     _remove_stale_sessions()
     host = HostState()
     state_dir = STATE_ROOT / uuid.uuid4().hex[:8]
