@@ -54,9 +54,10 @@ CLUSTERED_WITHIN_SECONDS = 120.0
 
 pytestmark = [
     pytest.mark.timeout(600),
-    # Until these cases have passed once on a clean session: they run, and report, but
-    # cannot fail the suite. Remove this mark when they have.
-    pytest.mark.xfail(strict=False, reason="compose cluster cases not yet passed once"),
+    # Not yet gating: of their first two full runs one passed and, in the other, the kill
+    # case failed for a reason that was not captured. They run and print their table, but
+    # cannot fail the suite until that cause is found; then remove this mark.
+    pytest.mark.xfail(strict=False, reason="kill case failed once of two runs, cause not found"),
 ]
 
 
