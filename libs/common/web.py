@@ -11,6 +11,7 @@ in-flight work before the broker connection and the pool close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import re
@@ -322,12 +323,16 @@ def background_context(
     *,
     batch_size: int,
     interval: float,
+    wake: asyncio.Event | None = None,
 ) -> CleanupContext:
-    """Run `round_of_work` every `interval` seconds while the app runs."""
+    """Run `round_of_work` every `interval` seconds while the app runs, and as soon as
+    `wake` is set (by whoever knows that work is due): the interval is then only the
+    fallback for work it cannot know of (another replica's, or a restart's)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(
-            _repeat(name, round_of_work, batch_size=batch_size, interval=interval), name=name
+            _repeat(name, round_of_work, batch_size=batch_size, interval=interval, wake=wake),
+            name=name,
         )
         app[key] = task
         yield
@@ -337,10 +342,18 @@ def background_context(
 
 
 async def _repeat(
-    name: str, round_of_work: Callable[[], Awaitable[int]], *, batch_size: int, interval: float
+    name: str,
+    round_of_work: Callable[[], Awaitable[int]],
+    *,
+    batch_size: int,
+    interval: float,
+    wake: asyncio.Event | None,
 ) -> None:
     failures = 0
     while True:
+        if wake is not None:
+            # Cleared before the round: a wake-up during it starts the next one at once.
+            wake.clear()
         try:
             done = await round_of_work()
         except Exception:
@@ -352,8 +365,14 @@ async def _repeat(
             await asyncio.sleep(delay)
             continue
         failures = 0
-        # A full batch means more is due already: take it without pausing.
-        await asyncio.sleep(0 if done >= batch_size else interval)
+        if done >= batch_size:
+            await asyncio.sleep(0)  # a full batch means more is due already: no pause
+        elif wake is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
 
 
 async def freeze_heap(_: web.Application) -> None:

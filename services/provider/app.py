@@ -30,9 +30,16 @@ from libs.common.web import (
 from services.provider import refunds
 from services.provider.charges import SETTLE_BATCH_SIZE, settle_due
 from services.provider.deliveries import DELIVERY_BATCH_SIZE, WebhookTarget, deliver_due
-from services.provider.keys import DELIVERY_TASK, SETTLEMENT_TASK, SIMULATION, WEBHOOK_CLIENT
+from services.provider.keys import (
+    DELIVERY_TASK,
+    SETTLEMENT_TASK,
+    SIMULATION,
+    WAKEUPS,
+    WEBHOOK_CLIENT,
+)
 from services.provider.routes import add_routes
 from services.provider.simulation import Simulation
+from services.provider.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ POLL_INTERVAL_SECONDS = 0.1
 def create_app(settings: ProviderSettings) -> web.Application:
     app = create_service_app()
     app[SIMULATION] = Simulation.from_settings(settings)
+    app[WAKEUPS] = wakeups = Wakeups()
     add_routes(app)
     target = WebhookTarget(
         url=settings.provider_webhook_url,
@@ -57,6 +65,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
             lambda: _settle_charges_and_refunds(app),
             batch_size=SETTLE_BATCH_SIZE,
             interval=POLL_INTERVAL_SECONDS,
+            wake=wakeups.settlement,
         )
     )
     app.cleanup_ctx.append(
@@ -72,6 +81,7 @@ def create_app(settings: ProviderSettings) -> web.Application:
             ),
             batch_size=DELIVERY_BATCH_SIZE,
             interval=POLL_INTERVAL_SECONDS,
+            wake=wakeups.delivery,
         )
     )
     return app
@@ -81,6 +91,8 @@ async def _settle_charges_and_refunds(app: web.Application) -> int:
     # One loop for both: "a full batch" of either means more is due already.
     charges = await settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE)
     settled = await refunds.settle_due(app[DATABASE], app[SIMULATION], batch_size=SETTLE_BATCH_SIZE)
+    if charges or settled:
+        app[WAKEUPS].deliver_now()  # each settlement queued its webhook
     return max(charges, settled)
 
 

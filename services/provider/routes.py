@@ -18,12 +18,13 @@ from libs.common.web import DATABASE, read_checked_json
 from services.provider.charges import (
     Charge,
     ChargeRequest,
+    ChargeStatus,
     IdempotencyKeyReused,
     create_charge,
     get_charge,
     list_charges,
 )
-from services.provider.keys import SIMULATION
+from services.provider.keys import SIMULATION, WAKEUPS
 from services.provider.refunds import (
     Refund,
     RefundRefused,
@@ -126,6 +127,11 @@ async def create(request: web.Request) -> web.Response:
         )
     except IdempotencyKeyReused:
         raise _key_reused() from None
+    if not result.replayed:
+        if result.charge.status is ChargeStatus.PROCESSING:
+            request.app[WAKEUPS].settle_after(request.app[SIMULATION].settle_delay_ms / 1000)
+        else:  # declined at once, its webhook queued with it
+            request.app[WAKEUPS].deliver_now()
     return _created(charge_json(result.charge), f"/charges/{result.charge.id}", result.replayed)
 
 
@@ -202,6 +208,8 @@ async def create_refund_route(request: web.Request) -> web.Response:
         raise _key_reused() from None
     except RefundRefused as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
+    if not result.replayed:
+        request.app[WAKEUPS].settle_after(request.app[SIMULATION].settle_delay_ms / 1000)
     return _created(refund_json(result.refund), f"/refunds/{result.refund.id}", result.replayed)
 
 

@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 from libs.common.db import Database
 from libs.common.settings import ProviderSettings
 from libs.common.signing import SEED_HEADER, Scheme, verify
+from services.provider import app as provider_app
 from services.provider import deliveries as deliveries_module
 from services.provider.app import create_app
 from services.provider.charges import ChargeRequest, create_charge, settle_due
@@ -494,6 +495,25 @@ async def test_a_charge_settles_after_the_delay_and_its_webhook_arrives(
     assert delivery["attempts"] == 1
     assert delivery["last_status"] == 200
     assert delivery["delivered_at"] is not None
+
+
+async def test_settlement_and_delivery_do_not_wait_for_the_poll(
+    make_settings: MakeSettings,
+    receiver: Receiver,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a poll far longer than the test may take, only the wake-ups can settle the
+    # charge and send its webhook, or send a declined charge's at once.
+    monkeypatch.setattr(provider_app, "POLL_INTERVAL_SECONDS", 600.0)
+    async with running(make_settings(provider_webhook_delay_ms=50)) as provider:
+        charge = await create(provider)
+        declined = await create(provider, customer_id="decline_now")
+        await eventually(lambda: len(receiver.requests) == 2, within=10)
+
+    events = {json.loads(r.body)["payment_id"]: json.loads(r.body) for r in receiver.requests}
+    assert events[charge["payment_id"]]["data"]["status"] == "succeeded"
+    assert events[declined["payment_id"]]["data"]["status"] == "declined"
 
 
 async def test_with_decline_rate_1_charges_settle_declined(
