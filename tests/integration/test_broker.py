@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 
 from libs.common.broker.connection import Broker
@@ -419,3 +420,57 @@ async def test_a_failed_batch_is_retried_one_message_at_a_time(
     parked = await get_one(broker, topology.payment_requested.parking)
     assert parked.message_id == str(bad.message_id)
     assert parked.headers["x-parked-reason"] == "retries_exhausted"
+
+
+class OutOfOrderBatches:
+    """A batch handler whose first batch ends only after every later one has ended."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.batches: list[list[uuid.UUID]] = []
+        self.handled = 0
+        self.others_done = asyncio.Event()
+
+    async def __call__(self, envelopes: Sequence[Envelope[PaymentRequested]]) -> None:
+        self.batches.append([e.message_id for e in envelopes])
+        first = len(self.batches) == 1
+        if first:
+            await self.others_done.wait()
+        self.handled += len(envelopes)
+        if self.handled == self.total - len(self.batches[0]):
+            self.others_done.set()
+
+
+async def test_batches_that_end_out_of_order_are_each_acked_once_in_few_frames(
+    broker: Broker, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch holds the watermark while the others end: theirs are acked singly,
+    then its own in one multiple ack. Nothing is acked twice (the broker would close the
+    channel), nothing is left unacked (it would come back after the stop)."""
+    frames: list[tuple[int, bool]] = []
+    send_ack = aiormq.Channel.basic_ack
+
+    async def counted(self: aiormq.Channel, tag: int, multiple: bool = False, **kw: Any) -> None:
+        frames.append((tag, multiple))
+        await send_ack(self, tag, multiple=multiple, **kw)
+
+    monkeypatch.setattr(aiormq.Channel, "basic_ack", counted)
+    total = 120
+    for _ in range(total):
+        await broker.publish(payment_requested())
+    single = Recorder()
+    batches = OutOfOrderBatches(total)
+    consumer = await consume_in_batches(broker, single, batches)
+    try:
+        await eventually(lambda: batches.handled == total)
+        await eventually(consumer.settled)
+    finally:
+        await consumer.stop(grace_seconds=5)
+
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
+    assert single.calls == [], "a message came back: its ack was lost or refused"
+    assert len(batches.batches) > 1
+    first = len(batches.batches[0])
+    # The first batch's messages, below every other: one multiple ack covers them all.
+    assert sum(1 for _, multiple in frames if multiple) >= 1
+    assert len(frames) <= total - first + 1

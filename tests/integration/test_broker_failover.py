@@ -10,15 +10,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import aiormq
 import pytest
 
 from libs.common.broker.connection import Broker
+from libs.common.broker.consumer import Consumer
 from libs.common.broker.failover import FailoverConnection
 from libs.common.broker.publisher import PublishError
 from libs.common.broker.topology import Topology, delete
+from libs.common.messages import PaymentRequested
 from libs.common.settings import PaymentsSettings
 from tests.faults.harness import url_via
-from tests.integration.test_broker import get_one, payment_requested
+from tests.integration.test_broker import (
+    HeldBatches,
+    Recorder,
+    get_one,
+    payment_requested,
+    queue_depth,
+)
 from tests.support import eventually, free_port
 from tests.tcp_proxy import TcpProxy
 
@@ -135,3 +144,64 @@ async def test_a_nack_renews_the_publishing_channel(broker: Broker) -> None:
     assert broker.publisher.renewals == 1
     await broker.publish(payment_requested())
     await get_one(broker, broker.topology.payment_requested.name)
+
+
+async def settled_now(consumer: Consumer[PaymentRequested]) -> bool:
+    """`consumer.settled()`, False while its channel is still being restored."""
+    try:
+        return await consumer.settled()
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return False
+
+
+async def test_acks_after_a_reconnect_name_the_new_channel_tags(
+    settings: PaymentsSettings,
+    rabbitmq_url: str,
+    topology: Topology,
+    proxies: list[TcpProxy],
+    cleanup: None,
+) -> None:
+    """A batch that ends after its connection was cut cannot ack on the dead channel: its
+    messages come back on the new one, whose tags count from 1 again, and are acked
+    there by a ledger of their own. Afterwards nothing is left in the queue."""
+    proxy = proxies[0]
+    broker = await Broker.connect(
+        settings_for(settings, [url_via(rabbitmq_url, proxy.port)]), name="t", topology=topology
+    )
+    envelopes = [payment_requested() for _ in range(30)]
+    for envelope in envelopes:
+        await broker.publish(envelope)
+    held = HeldBatches()
+    single = Recorder()
+    consumer = Consumer(
+        broker,
+        topology.payment_requested,
+        PaymentRequested,
+        single,
+        batch_handler=held,
+        retry_backoff_seconds=0.01,
+    )
+    await consumer.start()
+    try:
+        await eventually(lambda: held.batches)
+        await proxy.cut()
+        proxy.restore()
+        await eventually(lambda: broker.is_connected, within=20, interval=0.2)
+        held.release.set()
+        # The held batch's messages were not acked: they come back, and being redelivered
+        # go one at a time, through the single handler.
+        first = set(held.batches[0])
+        want = {e.message_id for e in envelopes}
+        await eventually(
+            lambda: (
+                first <= set(single.calls)
+                and {m for b in held.batches for m in b} | set(single.calls) == want
+            ),
+            within=20,
+        )
+        await eventually(lambda: settled_now(consumer), within=10)
+    finally:
+        held.release.set()
+        await consumer.stop(grace_seconds=5)
+    assert await queue_depth(broker, topology.payment_requested.name) == 0
+    await broker.close()

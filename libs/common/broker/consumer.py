@@ -10,7 +10,8 @@ broker-side delivery limit parks messages that kill the process before it can do
 
 With a batch handler, the messages that arrive together (up to the prefetch window) are
 handed over as one batch, so the handler pays its database round trips and commits once
-per batch; each message is acked when its batch returned. A batch that is not full waits
+per batch; its messages are acked when it returned, in one frame where they can be
+(libs.common.broker.acks). A batch that is not full waits
 a little for the one already running, so that messages trickling in share a batch. If a
 batch fails, each of its messages goes through the one-message path above, and so does
 every redelivered message, so a bad message retries and parks on its own and never holds
@@ -28,13 +29,16 @@ import contextlib
 import datetime as dt
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic
 
 import aio_pika
+import aiormq.abc
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 from libs.common.backoff import Backoff
+from libs.common.broker.acks import ChannelAcks
 from libs.common.broker.connection import Broker
 from libs.common.broker.publisher import PublishError, republishable
 from libs.common.broker.topology import QueueSpec
@@ -62,6 +66,12 @@ def delivery_count(message: AbstractIncomingMessage) -> int:
     """How many times this message was delivered before (quorum queues count for us)."""
     value = (message.headers or {}).get("x-delivery-count", 0)
     return value if isinstance(value, int) else 0
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    if message.delivery_tag is None:  # only a message got with no_ack has none
+        raise ValueError(f"message {message.message_id} has no delivery tag")
+    return message.delivery_tag
 
 
 class Consumer(Generic[P]):
@@ -107,6 +117,10 @@ class Consumer(Generic[P]):
         self._gauge_channel: AbstractRobustChannel | None = None
         self.depth_interval_seconds = 5.0
         self._stopping = asyncio.Event()
+        # One ledger per AMQP channel the deliveries came on (a reconnect opens another).
+        self._acks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, ChannelAcks] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def start(self) -> None:
         self._channel = await self.broker.new_channel()
@@ -189,7 +203,21 @@ class Consumer(Generic[P]):
         if self._channel is not None and not self._channel.is_closed:
             await bounded(self._channel.close(), deadline.left(), "close consumer channel")
 
+    def _acks_of(self, message: AbstractIncomingMessage) -> ChannelAcks:
+        acks = self._acks.get(message.channel)
+        if acks is None:
+            acks = self._acks[message.channel] = ChannelAcks(message.channel)
+        return acks
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        await self._acks_of(message).ack(_tag(message))
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await self._acks_of(message).nack(_tag(message), requeue=True)
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Before any await: the ledger learns of deliveries in the order they came.
+        self._acks_of(message).delivered(_tag(message))
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
@@ -221,7 +249,7 @@ class Consumer(Generic[P]):
         self._progress.set()
         if not await done:
             return None
-        await message.ack()
+        await self._ack(message)
         return "processed"
 
     async def _form_batches(self, handler: BatchHandler[P]) -> None:
@@ -314,9 +342,9 @@ class Consumer(Generic[P]):
                     },
                 )
                 await asyncio.sleep(delay)
-                await message.nack(requeue=True)
+                await self._requeue(message)
                 return "retried"
-            await message.ack()
+            await self._ack(message)
             return "processed"
 
     async def _park(self, message: AbstractIncomingMessage, reason: str, exc: Exception) -> str:
@@ -339,11 +367,11 @@ class Consumer(Generic[P]):
             )
         except PublishError:
             log.exception("could not park message; it will be redelivered")
-            await message.nack(requeue=True)
+            await self._requeue(message)
             return "retried"
         log.error(
             "message parked",
             extra={"queue": self.queue.name, "message_id": message.message_id, "reason": reason},
         )
-        await message.ack()
+        await self._ack(message)
         return "parked"
