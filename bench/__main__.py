@@ -23,16 +23,29 @@ from pathlib import Path
 
 import asyncpg
 
-from bench import cluster, end_to_end, intake, persistence, reads, reconciler, replicas, webhooks
+from bench import (
+    cluster,
+    end_to_end,
+    intake,
+    persistence,
+    reads,
+    reconciler,
+    replicas,
+    seed,
+    webhooks,
+)
 from bench.common import Context
-from bench.harness import ROOT, Harness, say
+from bench.harness import Harness, say
 from bench.report import ScenarioResult, table, to_json, write_chart, write_json
+from tools.launch import ROOT
 
 Scenario = Callable[[Context], Awaitable[ScenarioResult]]
 SCENARIOS: dict[str, Scenario] = {
     "intake": intake.run,
     "persistence": persistence.run,
     "e2e": end_to_end.run,
+    # After e2e: the seed's design at the rates e2e reached.
+    "seed": seed.run,
     # Not in the default run (it starts three RabbitMQ nodes): `--only e2e,e2e-cluster`.
     "e2e-cluster": cluster.run,
     "webhooks": webhooks.run,

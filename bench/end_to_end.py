@@ -18,11 +18,13 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.common import Context, pay_request, purge_queues, wait_until
 from bench.harness import Stack
 from bench.load import closed_loop, ms, open_loop, percentile, same_request
+from bench.persistence import baseline_rate
 from bench.report import Figure, ScenarioResult
 from libs.common.outbox import RELAY_LOCK_KEY
 
@@ -39,19 +41,32 @@ async def _measure_intake_limit(stack: Stack, port: int, quick: bool) -> float:
     return load.rate(202)
 
 
-async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[str, Any]:
+# Where each design keeps its payments: ours, and the seed's (bench.minimal seed).
+OURS = "payments.payments"
+
+
+async def run_step(
+    stack: Stack,
+    port: int,
+    rate: float,
+    duration: float,
+    *,
+    table: str = OURS,
+    accepted_status: int = 202,
+) -> dict[str, Any]:
+    """One step of an open load at `rate`: what completed, how fast, how late, at what CPU."""
     cpu_before = stack.cpu()
     load = await open_loop(
         port, same_request(pay_request(port)), rate=rate, duration=duration, keep_bodies=True
     )
-    accepted = {uuid.UUID(json.loads(s.body)["id"]): s.sent_at for s in load.ok(202)}
+    accepted = {uuid.UUID(json.loads(s.body)["id"]): s.sent_at for s in load.ok(accepted_status)}
     ids = list(accepted)
     conn = await stack.connect()
     try:
 
         async def settled() -> bool:
             n = await conn.fetchval(
-                "SELECT count(*) FROM payments.payments"
+                f"SELECT count(*) FROM {table}"  # noqa: S608 - one of two fixed table names
                 " WHERE id = ANY($1::uuid[]) AND status = 'completed'",
                 ids,
             )
@@ -63,11 +78,15 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
         except TimeoutError:
             drained = False
         rows = await conn.fetch(
-            "SELECT id, status, extract(epoch FROM updated_at) AS at FROM payments.payments"
+            f"SELECT id, status, extract(epoch FROM updated_at) AS at FROM {table}"  # noqa: S608
             " WHERE id = ANY($1::uuid[])",
             ids,
         )
-        events = await _events_published(conn, ids)
+        extra = (
+            {"events": await _events_published(conn, ids), "phases": await _phases(conn, accepted)}
+            if table == OURS
+            else {}
+        )
     finally:
         await conn.close()
     cpu = stack.cpu_ms_per(cpu_before, stack.cpu(), len(ids))
@@ -86,19 +105,57 @@ async def _step(stack: Stack, port: int, rate: float, duration: float) -> dict[s
     )
     return {
         "offered_per_s": round(rate, 1),
-        "pay": load.summary(202),
+        "pay": load.summary(accepted_status),
         "accepted": len(ids),
         "completed": len(done),
         "completion_rate_per_s": round(completion_rate, 1),
         "e2e_p50_ms": ms(percentile(latencies, 0.5)),
         "e2e_p99_ms": ms(p99),
-        "pay_p50_ms": ms(percentile(load.latencies(202), 0.5)),
-        "pay_p99_ms": ms(percentile(load.latencies(202), 0.99)),
+        "pay_p50_ms": ms(percentile(load.latencies(accepted_status), 0.5)),
+        "pay_p99_ms": ms(percentile(load.latencies(accepted_status), 0.99)),
         "drained": drained,
         "sustained": sustained,
         # Includes whatever the drain took; per accepted payment.
         "cpu_ms_per_payment": cpu,
-        "events": events,
+        "cpu_ms_per_payment_total": round(sum(cpu.values()), 3),
+        **extra,
+    }
+
+
+# Each payment's audit rows: stored (`pending`), charged (`processing`), `completed`.
+_PHASES_SQL = """
+SELECT payment_id,
+       extract(epoch FROM min(created_at) FILTER (WHERE to_status = 'pending')) AS stored,
+       extract(epoch FROM min(created_at) FILTER (WHERE to_status = 'processing')) AS charged,
+       extract(epoch FROM min(created_at) FILTER (WHERE to_status = 'completed')) AS completed
+  FROM payments.payment_events
+ WHERE payment_id = ANY($1::uuid[]) AND applied
+ GROUP BY payment_id
+"""
+
+
+async def _phases(conn: Any, accepted: dict[uuid.UUID, float]) -> dict[str, Any]:
+    """Where a payer's wait goes, p50 and p99 of each leg, from the audit rows' times.
+
+    accepted → stored: the gateway's publish, the queue, the payments service's batch;
+    stored → charged: the provider's charge call and its write; charged → completed,
+    less the provider's delay: its webhook scheduler, the gateway, the webhooks service.
+    Each row's time is its transaction's start, so a batch's rows share one.
+    """
+    rows = await conn.fetch(_PHASES_SQL, list(accepted))
+    legs: dict[str, list[float]] = {"accepted_to_stored": [], "stored_to_charged": [],
+                                    "charged_to_completed_less_delay": []}  # fmt: skip
+    for r in rows:
+        if None in (r["stored"], r["charged"], r["completed"]):
+            continue
+        legs["accepted_to_stored"].append(float(r["stored"]) - accepted[r["payment_id"]])
+        legs["stored_to_charged"].append(float(r["charged"] - r["stored"]))
+        legs["charged_to_completed_less_delay"].append(
+            float(r["completed"] - r["charged"]) - DELAY_MS / 1000
+        )
+    return {
+        leg: {"p50_ms": ms(percentile(values, 0.5)), "p99_ms": ms(percentile(values, 0.99))}
+        for leg, values in legs.items()
     }
 
 
@@ -234,6 +291,75 @@ def _add_event_figures(result: ScenarioResult, best: dict[str, Any], relay: dict
     )
 
 
+Step = Callable[[float], Awaitable[dict[str, Any]]]
+
+
+async def climb(
+    step: Step, limit: float, fractions: list[float], *, quick: bool
+) -> list[dict[str, Any]]:
+    """Steps at `fractions` of `limit` until one is not sustained, then once halfway back
+    to the last that was; if the first is not sustained, two steps down instead."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    queue = list(fractions)
+    going_down = halved = False
+    while queue:
+        fraction = queue.pop(0)
+        result = await step(limit * fraction)
+        result["fraction_of_limit"] = fraction
+        steps.append(result)
+        if result["sustained"]:
+            best = result
+            if going_down or halved:
+                break
+        elif best is None and not going_down and fraction > 0.02:
+            going_down = True
+            queue = [fraction / 2, fraction / 4]
+        elif best is not None and not going_down and not halved and not quick:
+            halved = True
+            queue = [round((best["fraction_of_limit"] + fraction) / 2, 4)]
+        elif not going_down:
+            break
+    return steps
+
+
+def best_of(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest sustained step."""
+    sustained = [s for s in steps if s["sustained"]]
+    return max(sustained, key=lambda s: s["offered_per_s"]) if sustained else None
+
+
+# The latency targets hold at these fractions of the highest sustained rate.
+LATENCY_AT = {"half": 0.5, "a tenth": 0.1}
+LATENCY_TARGETS = {"p50": "< 50", "p99": "< 250"}
+
+
+async def minimal_parts_cpu(ctx: Context) -> dict[str, float]:
+    """CPU ms of one minimal publish and one one-row consume, from this run's intake and
+    persistence scenarios, or measured here when they did not run."""
+    if "minimal_publish_cpu_ms" not in ctx.shared:
+        stack = await ctx.harness.stack("e2e-minimal")
+        try:
+            minimal = await stack.start_baseline("publish", "--routing-key", "payment.requested")
+            request = same_request(pay_request(minimal.port))
+            await closed_loop(minimal.port, request, concurrency=32, duration=1.0)
+            before = stack.cpu()
+            load = await closed_loop(minimal.port, request, concurrency=32, duration=3.0)
+            per = stack.cpu_ms_per(before, stack.cpu(), load.count)
+            ctx.shared["minimal_publish_cpu_ms"] = round(sum(per.values()), 3)
+            await stack.stop(minimal)
+            consumed = await baseline_rate(stack, ctx.size(2000, 500))
+            ctx.shared["minimal_consume_cpu_ms"] = round(
+                sum(consumed["cpu_ms_per_message"].values()), 3
+            )
+        finally:
+            await ctx.harness.release(stack)
+    return {
+        "publish": ctx.shared["minimal_publish_cpu_ms"],
+        "consume": ctx.shared["minimal_consume_cpu_ms"],
+    }
+
+
 async def run(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("e2e", "/pay to completed under a steady open load vs the intake limit")
     duration = ctx.size(15.0, 4.0)
@@ -245,7 +371,7 @@ async def run(ctx: Context) -> ScenarioResult:
         if limit is None:
             limit = await _measure_intake_limit(stack, gateway.port, ctx.quick)
             result.details["intake_limit_measured_here"] = True
-            # e2e-cluster, later in the run, offers the same rates.
+            # e2e-cluster and seed, later in the run, offer the same rates.
             ctx.shared["intake_max_rps"] = limit
         result.details["intake_limit_per_s"] = round(limit, 1)
         await stack.start_service(
@@ -254,35 +380,20 @@ async def run(ctx: Context) -> ScenarioResult:
         await stack.start_service("payments")
         await stack.start_service("webhooks")
 
-        steps: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
-        # Climb until a step is not sustained, then try once halfway between it and the
-        # last sustained one; if the first is not sustained, step down instead.
-        queue = list(fractions)
-        going_down = False
-        halved = False
-        while queue:
-            fraction = queue.pop(0)
-            step = await _step(stack, gateway.port, limit * fraction, duration)
-            step["fraction_of_limit"] = fraction
-            steps.append(step)
-            if step["sustained"]:
-                best = step
-                if going_down or halved:
-                    break
-            else:
-                if best is None and not going_down and fraction > 0.02:
-                    going_down = True
-                    queue = [fraction / 2, fraction / 4]
-                    continue
-                if best is not None and not going_down and not halved and not ctx.quick:
-                    halved = True
-                    queue = [round((best["fraction_of_limit"] + fraction) / 2, 4)]
-                    continue
-                if not going_down:
-                    break
-        result.details["steps"] = steps
+        async def step(rate: float) -> dict[str, Any]:
+            return await run_step(stack, gateway.port, rate, duration)
+
+        steps = await climb(step, limit, fractions, quick=ctx.quick)
+        best = best_of(steps)
+        latency_steps: dict[str, dict[str, Any]] = {}
         if best is not None:
+            for name, fraction in LATENCY_AT.items():
+                latency_steps[name] = await step(best["offered_per_s"] * fraction)
+        result.details["steps"] = steps
+        result.details["latency_steps"] = latency_steps
+        if best is not None:
+            ctx.shared["e2e_best"] = best
+            ctx.shared["e2e_latency_steps"] = latency_steps
             try:
                 relay = await _relay_cost(stack, gateway.port, best["offered_per_s"] / 2, duration)
             except TimeoutError as exc:
@@ -292,49 +403,67 @@ async def run(ctx: Context) -> ScenarioResult:
                 _add_event_figures(result, best, relay)
         behind = await left_behind(stack, settle_within=DRAIN_SECONDS)
         result.details["left_behind"] = behind
-        accepted = sum(s["accepted"] for s in steps)
-
-        sustained = best["offered_per_s"] if best else 0.0
-        result.add(
-            Figure(
-                "sustained payments/s end to end",
-                sustained,
-                "pay/s",
-                "intake limit (/pay max)",
-                round(limit, 1),
-                target=">= 0.25",
-            )
-        )
-        if best is not None:
-            for label in ("p50", "p99"):
-                result.add(
-                    Figure(
-                        f"/pay→completed {label} at {sustained:.0f}/s, less {DELAY_MS} ms delay",
-                        best[f"e2e_{label}_ms"],
-                        "ms",
-                        "/pay latency, same step",
-                        best[f"pay_{label}_ms"],
-                        better="lower",
-                    )
-                )
-        unfinished = (
-            behind["unsettled_payments"]
-            + behind["undelivered_webhooks"]
-            + behind["unapplied_events"]
-            + behind["queued_or_parked_messages"]
-        )
-        result.add(
-            Figure(
-                "left behind after the load",
-                unfinished,
-                "items",
-                "payments accepted",
-                accepted,
-                better="lower",
-                target="<= 0",
-                target_on="value",
-            )
-        )
+        accepted = sum(s["accepted"] for s in [*steps, *latency_steps.values()])
     finally:
         await ctx.harness.release(stack)
+
+    sustained = best["offered_per_s"] if best else 0.0
+    result.add(
+        Figure(
+            "sustained payments/s end to end",
+            sustained,
+            "pay/s",
+            "intake limit (/pay max)",
+            round(limit, 1),
+            target=">= 0.25",
+        )
+    )
+    if best is not None:
+        parts = await minimal_parts_cpu(ctx)
+        floor = 2 * parts["publish"] + 2 * parts["consume"]
+        result.details["minimal_parts_cpu_ms"] = {**parts, "floor": round(floor, 3)}
+        result.add(
+            Figure(
+                f"CPU per completed payment at {sustained:.0f}/s (all processes)",
+                best["cpu_ms_per_payment_total"],
+                "ms",
+                "minimal parts: 2 publishes + 2 one-row consumes",
+                round(floor, 3),
+                better="lower",
+                target="<= 2.5",
+            )
+        )
+        for name, latency_step in latency_steps.items():
+            rate = latency_step["offered_per_s"]
+            for label, target in LATENCY_TARGETS.items():
+                result.add(
+                    Figure(
+                        f"/pay→completed {label} at {name} ({rate:.0f}/s), less {DELAY_MS} ms",
+                        latency_step[f"e2e_{label}_ms"],
+                        "ms",
+                        "/pay latency, same step",
+                        latency_step[f"pay_{label}_ms"],
+                        better="lower",
+                        target=target,
+                        target_on="value",
+                    )
+                )
+    unfinished = (
+        behind["unsettled_payments"]
+        + behind["undelivered_webhooks"]
+        + behind["unapplied_events"]
+        + behind["queued_or_parked_messages"]
+    )
+    result.add(
+        Figure(
+            "left behind after the load",
+            unfinished,
+            "items",
+            "payments accepted",
+            accepted,
+            better="lower",
+            target="<= 0",
+            target_on="value",
+        )
+    )
     return result

@@ -87,7 +87,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 "req/s",
                 "minimal handler",
                 round(base_rps or 0, 1),
-                target=">= 0.8",
+                target=">= 0.72",
             )
         )
         result.add(
@@ -97,7 +97,8 @@ async def run(ctx: Context) -> ScenarioResult:
                 "req/s",
                 "minimal handler",
                 round(base_rps or 0, 1),
-                note="the most /pay could reach if its own work were free",
+                target=">= 0.85",
+                note="what the middlewares leave: they may cost at most 15%",
             )
         )
         result.add(
@@ -107,8 +108,17 @@ async def run(ctx: Context) -> ScenarioResult:
                 "req/s",
                 "minimal handler behind the gateway's middlewares",
                 round(middlewares_rps, 1),
+                target=">= 0.85",
                 note="what /pay's own work (validation, the payment, its message) costs",
             )
+        )
+        # e2e compares its CPU per payment with two of these publishes (all processes).
+        ctx.shared["minimal_publish_cpu_ms"] = round(
+            statistics.fmean(
+                sum(result.details[label]["cpu_ms_per_request"].values())
+                for label in ("baseline_before", "baseline_after")
+            ),
+            3,
         )
         for label, q in (("p50", 0.5), ("p99", 0.99)):
             result.add(
@@ -122,29 +132,29 @@ async def run(ctx: Context) -> ScenarioResult:
                 )
             )
 
-        if not ctx.quick:
-            # A client that follows the README sends an Idempotency-Key: two more queries.
-            prefix = uuid.uuid4().hex[:8]
-            keyed_requests = (
-                build_request(
-                    "POST",
-                    "/api/payments/pay",
-                    port=gateway.port,
-                    body=PAY_BODY,
-                    headers={**JSON, "Idempotency-Key": f"bench-{prefix}-{i}"},
-                )
-                for i in itertools.count()
+        # A client that follows the README sends an Idempotency-Key, a fresh one each time.
+        prefix = uuid.uuid4().hex[:8]
+        keyed_requests = (
+            build_request(
+                "POST",
+                "/api/payments/pay",
+                port=gateway.port,
+                body=PAY_BODY,
+                headers={**JSON, "Idempotency-Key": f"bench-{prefix}-{i}"},
             )
-            keyed = await closed(gateway.port, lambda _: next(keyed_requests), "gateway_keyed")
-            result.add(
-                Figure(
-                    "/pay req/s with Idempotency-Key",
-                    round(keyed.rate(202), 1),
-                    "req/s",
-                    "minimal handler",
-                    round(base_rps or 0, 1),
-                )
+            for i in itertools.count()
+        )
+        keyed = await closed(gateway.port, lambda _: next(keyed_requests), "gateway_keyed")
+        result.add(
+            Figure(
+                "/pay req/s with a fresh Idempotency-Key each",
+                round(keyed.rate(202), 1),
+                "req/s",
+                "/pay without one",
+                round(gateway_rps, 1),
+                target=">= 0.8",
             )
+        )
 
         # Open loop at half the gateway's max: the latency a client sees at a sane load.
         rate = max(1.0, gateway_rps / 2)

@@ -14,6 +14,11 @@
   platform's own client accepts (for the reconciler scenario).
 - `reconcile`: the least a reconciliation can do: read the stale payments, ask the
   provider about each with the same concurrency, move each with one UPDATE.
+- `seed`: the design our users come from, in one synchronous process: `POST
+  /api/payments/pay` inserts the payment, calls the provider and answers; `POST
+  /api/webhooks` checks the seed's `X-Webhook-Signature` and, in one transaction, records
+  the webhook and updates the payment. No broker, no retries, no idempotency, no outbox:
+  what the message-driven design is measured against end to end (bench/seed.py).
 
 Each serving mode answers `GET /ready` once it is connected, and stops on SIGTERM.
 Every mode runs on uvloop, as the services do: on asyncio's own loop the `publish`
@@ -27,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import datetime as dt
+import hmac
 import json
 import os
 import signal
@@ -45,13 +51,16 @@ from pydantic_settings import BaseSettings
 
 from libs.common.broker.topology import Topology, declare
 from libs.common.messages import Envelope, PaymentRequested, WebhookReceived, encode, wrap
+from libs.common.provider_client import ProviderClient
 from libs.common.settings import (
     BrokerSettings,
     GatewaySettings,
     PaymentsSettings,
+    ProviderClientSettings,
     WebhooksSettings,
     load_settings,
 )
+from libs.common.signing import SEED_HEADER, seed_signature
 from libs.common.web import create_service_app
 from services.gateway.access import ApiKeys, RateLimits
 from services.gateway.routes import API_KEYS, RATE_LIMITS, guard
@@ -285,6 +294,98 @@ async def reconcile(provider_url: str, concurrency: int, min_age_seconds: int) -
     return {"checked": len(rows), "settled": settled, "elapsed_s": time.perf_counter() - started}
 
 
+SEED_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS seed;
+CREATE TABLE IF NOT EXISTS seed.payments (
+    id uuid PRIMARY KEY,
+    reference text NOT NULL,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    customer_id text NOT NULL,
+    description text,
+    status text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS seed.webhooks (
+    id bigserial PRIMARY KEY,
+    event_type text NOT NULL,
+    payment_id uuid NOT NULL,
+    payload jsonb NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+SEED_STATUS = {"payment.completed": "completed", "payment.failed": "failed"}
+
+
+async def seed(port: int) -> None:
+    stop = _stop_on_sigterm()
+    settings = load_settings(ProviderClientSettings)
+    secret = load_settings(GatewaySettings).webhook_secret[0].get_secret_value()
+    pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=10)
+    await pool.execute(SEED_SCHEMA)
+    session = aiohttp.ClientSession()
+    client = ProviderClient(
+        session, settings.provider_url, timeout_seconds=settings.provider_timeout_seconds
+    )
+
+    async def pay(request: web.Request) -> web.Response:
+        body = await request.json()
+        payment_id = uuid.uuid4()
+        reference = "PAY-" + payment_id.hex[:10].upper()
+        amount_minor = int(Decimal(str(body["amount"])) * 100)
+        customer_id = str(body["customer_id"])
+        await pool.execute(
+            "INSERT INTO seed.payments (id, reference, amount_minor, currency, customer_id,"
+            " description, status) VALUES ($1, $2, $3, 'USD', $4, $5, 'pending')",
+            payment_id,
+            reference,
+            amount_minor,
+            customer_id,
+            body.get("description"),
+        )
+        await client.create_charge(
+            payment_id=payment_id,
+            reference=reference,
+            amount_minor=amount_minor,
+            currency="USD",
+            customer_id=customer_id,
+        )
+        return web.json_response(
+            {"id": str(payment_id), "reference": reference, "status": "pending"}, status=201
+        )
+
+    async def webhook(request: web.Request) -> web.Response:
+        raw = await request.read()
+        given = request.headers.get(SEED_HEADER, "")
+        if not hmac.compare_digest(given, seed_signature(raw, secret)):
+            return web.json_response({"error": "invalid_signature"}, status=401)
+        event = json.loads(raw)
+        payment_id = uuid.UUID(event["payment_id"])
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO seed.webhooks (event_type, payment_id, payload) VALUES ($1, $2, $3)",
+                event["event_type"],
+                payment_id,
+                raw.decode(),
+            )
+            await conn.execute(
+                "UPDATE seed.payments SET status = $2, updated_at = now() WHERE id = $1",
+                payment_id,
+                SEED_STATUS.get(event["event_type"], "pending"),
+            )
+        return web.json_response({"received": True})
+
+    app = _bare_app()
+    app.router.add_post("/api/payments/pay", pay)
+    app.router.add_post("/api/webhooks", webhook)
+    try:
+        await _serve(app, port, stop)
+    finally:
+        await session.close()
+        await pool.close()
+
+
 # Who consumes each queue, so the baseline holds as much work at once as that service.
 CONSUMERS: dict[str, type[BaseSettings]] = {
     "payment-requested": PaymentsSettings,
@@ -317,6 +418,8 @@ def main() -> None:
     f = modes.add_parser("provider")
     f.add_argument("--port", type=int, required=True)
     f.add_argument("--delay-ms", type=int, default=20)
+    s = modes.add_parser("seed")
+    s.add_argument("--port", type=int, required=True)
     r = modes.add_parser("reconcile")
     r.add_argument("--provider-url", required=True)
     r.add_argument("--concurrency", type=int, default=20)
@@ -333,6 +436,8 @@ def main() -> None:
         uvloop.run(consume(args.port, args.queue, prefetch, pool))
     elif args.mode == "provider":
         uvloop.run(provider(args.port, args.delay_ms))
+    elif args.mode == "seed":
+        uvloop.run(seed(args.port))
     else:
         print(
             json.dumps(

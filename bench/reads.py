@@ -10,6 +10,7 @@ implementation would run over the whole table, for a page the same keyset query.
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
@@ -19,8 +20,13 @@ from bench.common import Context
 from bench.harness import say
 from bench.load import build_request, closed_loop, ms, percentile, same_request
 from bench.report import Figure, ScenarioResult
+from tools.launch import ROOT
 
 CHUNK = 100_000
+# The largest step, where the targets are checked; it needs this much free disk (the
+# table, its indexes and the WAL of the inserts, with room to spare).
+LARGEST = 10_000_000
+LARGEST_NEEDS_BYTES = 20 * 2**30
 PLAIN_AGGREGATE = (
     "SELECT status, currency, count(*), sum(amount_minor) FROM payments.payments GROUP BY 1, 2"
 )
@@ -85,7 +91,12 @@ async def run(ctx: Context) -> ScenarioResult:
     result = ScenarioResult(
         "reads", "stats and list endpoints at growing table sizes vs the plain SQL"
     )
-    sizes = ctx.size([10_000, 100_000, 1_000_000], [10_000])
+    sizes = ctx.size([10_000, 100_000, 1_000_000, LARGEST], [10_000])
+    free = shutil.disk_usage(ROOT).free
+    if LARGEST in sizes and free < LARGEST_NEEDS_BYTES:
+        # Bounded in disk: the largest step is left out, and the details say why.
+        sizes.remove(LARGEST)
+        result.details["skipped"] = f"{LARGEST} payments: {free // 2**30} GiB free"
     requests = ctx.size(300, 100)
     stack = await ctx.harness.stack("reads")
     try:
@@ -98,7 +109,7 @@ async def run(ctx: Context) -> ScenarioResult:
                 have = size
                 say(f"reads: {size} payments ({grown})")
                 label = f"{size // 1000}k" if size < 1_000_000 else f"{size // 1_000_000}M"
-                at_target = size == 1_000_000
+                at_target = size == sizes[-1] and not ctx.quick
                 endpoints = {
                     "stats": ("/api/payments/stats", PLAIN_AGGREGATE),
                     "list": ("/api/payments", PLAIN_PAGE.format(where="")),
@@ -124,7 +135,7 @@ async def run(ctx: Context) -> ScenarioResult:
                     }
                     for q_name, q in (("p50", 0.5), ("p99", 0.99)):
                         target: dict[str, Any] = {}
-                        if name == "stats" and at_target and q_name == "p99":
+                        if at_target and q_name == "p99":
                             target = {"target": "< 10", "target_on": "value"}
                         elif name == "stats" and at_target and q_name == "p50":
                             target = {"target": "<= 0.05"}

@@ -22,9 +22,10 @@ import time
 from typing import Any
 
 from bench.common import Context, seed_processing_payments, wait_until
-from bench.harness import ROOT, Stack
+from bench.harness import Stack
 from bench.load import build_request, closed_loop, same_request
 from bench.report import Figure, ScenarioResult
+from tools.launch import ROOT
 
 PROVIDER_DELAY_MS = 20
 CONCURRENCY = 20  # RECONCILE_CONCURRENCY's default
