@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import aio_pika
 import aiormq
 import pytest
 
+from libs.common.broker.acks import ChannelAcks
 from libs.common.broker.connection import Broker
 from libs.common.broker.consumer import Consumer, PoisonMessage
 from libs.common.broker.publisher import BrokerUnavailable, MessageUnroutable, to_amqp
@@ -474,3 +476,42 @@ async def test_batches_that_end_out_of_order_are_each_acked_once_in_few_frames(
     # The first batch's messages, below every other: one multiple ack covers them all.
     assert sum(1 for _, multiple in frames if multiple) >= 1
     assert len(frames) <= total - first + 1
+
+
+async def test_acks_from_many_flushes_at_once_keep_the_channel_open(
+    broker: Broker, topology: Topology
+) -> None:
+    """Deliveries finishing in a random order, a few at a time, make flushes that overlap:
+    each one's frames must reach the broker before the next one's, or a multiple ack
+    covers a tag whose single ack is still to be written, and the broker closes the
+    channel for the unknown tag."""
+    total = 600
+    for _ in range(total):
+        await broker.publish(payment_requested())
+    channel = await broker.connection.channel()
+    await channel.set_qos(prefetch_count=total)
+    queue = await channel.get_queue(topology.payment_requested.name)
+    underlay = await channel.get_underlay_channel()
+    acks = ChannelAcks(underlay)
+    delivered: list[int] = []
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        assert message.delivery_tag is not None
+        acks.delivered(message.delivery_tag)
+        delivered.append(message.delivery_tag)
+
+    tag = await queue.consume(on_message)
+    try:
+        await eventually(lambda: len(delivered) == total)
+        order = list(delivered)
+        random.Random(7).shuffle(order)
+        pending: list[asyncio.Task[None]] = []
+        for start in range(0, total, 5):
+            pending += [asyncio.create_task(acks.ack(t)) for t in order[start : start + 5]]
+            await asyncio.sleep(0)
+        await asyncio.gather(*pending)
+        assert not underlay.is_closed
+        await queue.cancel(tag)
+    finally:
+        await channel.close()
+    assert await queue_depth(broker, topology.payment_requested.name) == 0

@@ -98,6 +98,10 @@ class ChannelAcks:
         self.ledger = AckLedger()
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._flush: asyncio.Task[None] | None = None
+        # One flush plans and writes at a time. Two interleaved would reorder frames: a
+        # later plan's multiple ack can cover a tag whose single ack an earlier plan has
+        # not written yet, and that single ack then names a settled tag.
+        self._writing = asyncio.Lock()
 
     def delivered(self, tag: int) -> None:
         self.ledger.delivered(tag)
@@ -112,21 +116,24 @@ class ChannelAcks:
         await done
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
-        self.ledger.settled(tag)
-        await self.channel.basic_nack(tag, requeue=requeue)
+        # Between flushes: a multiple ack written before the nack would ack it instead.
+        async with self._writing:
+            self.ledger.settled(tag)
+            await self.channel.basic_nack(tag, requeue=requeue)
 
     async def _send(self) -> None:
         self._flush = None  # acks from now on wait for the next flush
-        acks, acked = self.ledger.plan()
-        waiting = [self._waiting.pop(tag) for tag in acked]
-        try:
-            for ack in acks:
-                await self.channel.basic_ack(ack.tag, multiple=ack.multiple)
-        except Exception as exc:  # noqa: BLE001 - handed to each message's ack, as aio-pika would
-            for done in waiting:
-                if not done.done():
-                    done.set_exception(exc)
-            return
+        async with self._writing:
+            acks, acked = self.ledger.plan()
+            waiting = [self._waiting.pop(tag) for tag in acked]
+            try:
+                for ack in acks:
+                    await self.channel.basic_ack(ack.tag, multiple=ack.multiple)
+            except Exception as exc:  # noqa: BLE001 - handed to each message's ack, as aio-pika would
+                for done in waiting:
+                    if not done.done():
+                        done.set_exception(exc)
+                return
         for done in waiting:
             if not done.done():
                 done.set_result(None)
