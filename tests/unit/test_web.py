@@ -60,6 +60,16 @@ async def test_wakeups_falling_due_in_one_slot_share_one_timer() -> None:
     wakeups = Wakeups()
     for _ in range(100):
         wakeups.settle_after(0.05)
-    assert len(wakeups._slots) == 1
+    assert wakeups.pending() == 1
     await asyncio.wait_for(wakeups.settlement.wait(), timeout=10)
-    assert not wakeups._slots
+    assert wakeups.pending() == 0
+
+
+async def test_a_long_delay_keeps_few_timers_pending() -> None:
+    wakeups = Wakeups()
+    # An hour's delay, with a charge every 10 ms of a minute: 6,000 charges.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for n in range(6000):
+        wakeups.settle_after(3600 - (loop.time() - started) + n * 0.01)
+    assert wakeups.pending() <= 3
