@@ -36,12 +36,11 @@ from libs.common.broker.publisher import PublishError
 from libs.common.db import Database
 from libs.common.errors import ApiError, service_unavailable
 from libs.common.messages import RefundRequested, wrap
-from libs.common.money import MoneyError, minor_unit_exponent
 from libs.common.refunds import NewRefund, create_refund, refund_json, withdraw
 from libs.common.tables import REFUND_REASON_MAX_LENGTH
 from services.gateway.idempotency import IdempotencyKeys, Replay
 from services.gateway.intake import Publish
-from services.gateway.validation import _amount, _sentence
+from services.gateway.validation import _amount, _sentence, known_currency
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +73,7 @@ class RefundOrder(BaseModel):
     @field_validator("currency")
     @classmethod
     def _known_currency(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                minor_unit_exponent(value)
-            except MoneyError as exc:
-                raise PydanticCustomError(exc.code, exc.message) from None
-        return value
+        return None if value is None else known_currency(value)
 
     @field_validator("reason")
     @classmethod

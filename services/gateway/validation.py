@@ -32,6 +32,15 @@ MAX_METADATA_KEY_LENGTH = 40
 MAX_METADATA_VALUE_LENGTH = 500
 
 
+def known_currency(value: str) -> str:
+    """`value`, if it is a currency whose minor units we know; else a validation error."""
+    try:
+        minor_unit_exponent(value)
+    except MoneyError as exc:
+        raise PydanticCustomError(exc.code, exc.message) from None
+    return value
+
+
 def _amount(value: object) -> Decimal:
     # Decimal from a JSON number, or a decimal string; never a boolean.
     if isinstance(value, Decimal):
@@ -74,11 +83,7 @@ class PaymentOrder(BaseModel):
     @field_validator("currency")
     @classmethod
     def _known_currency(cls, value: str) -> str:
-        try:
-            minor_unit_exponent(value)
-        except MoneyError as exc:
-            raise PydanticCustomError(exc.code, exc.message) from None
-        return value
+        return known_currency(value)
 
     @field_validator("customer_id")
     @classmethod
